@@ -1,0 +1,161 @@
+"""The UltraMemV2 layer against an independent per-token reference, its gradients and its init."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from umv2cli.config import UltraMemV2Config
+from umv2cli.model.ffn import SwiGLU
+from umv2cli.model.init import InitContext
+from umv2cli.model.ultramemv2 import UltraMemV2, new_value_pool
+
+TINY = UltraMemV2Config(knum=5, topm=6, dk=4, dv=6, dp=3, k_rc=5)
+
+
+def make_layers(cfg, d_model=8, n_layers=1, scheme="paper", seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    pool = new_value_pool(cfg, n_layers)
+    layers = [UltraMemV2(cfg, d_model, pool=pool, home=i) for i in range(n_layers)]
+    ctx = InitContext(scheme, d_model, n_layers, ffn_hidden=2 * d_model)
+    for layer in layers:
+        layer.reset_parameters(ctx)
+        layer.to(dtype)
+        with torch.no_grad():  # random norm weights, so a test sees which weight goes where
+            layer.g_q_D.mul_(1 + 0.3 * torch.rand_like(layer.g_q_D))
+            layer.g_k_D.mul_(1 + 0.3 * torch.rand_like(layer.g_k_D))
+    return layers, pool
+
+
+def reference_layer(layer: UltraMemV2, u_BH: torch.Tensor) -> torch.Tensor:
+    """Paper-notes §1.3 token by token, scoring all N² cells (valid when k_rc = N)."""
+    cfg = layer.cfg
+    R, D, N, C = cfg.rank, cfg.dk, cfg.keys_per_side, cfg.cores
+    out = []
+    for u in u_BH:
+        q = layer.w_q.weight @ u
+        q = q.view(2, -1, D)
+        q = q.expand(2, R, D) if cfg.shared_rank_query else q
+        q = q / q.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * layer.g_q_D
+        k = layer.keys_SRND / layer.keys_SRND.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * layer.g_k_D
+        s_row = torch.stack([k[0, r] @ q[0, r] for r in range(R)])  # [R, N]
+        s_col = torch.stack([k[1, r] @ q[1, r] for r in range(R)])
+        grid = torch.stack([s_row.T @ layer.cores_CRR[c] @ s_col for c in range(C)])  # [C, N, N]
+        cells = grid.sum(0).flatten().topk(cfg.topm).indices
+        x_p = layer.w_pre.weight @ u
+        window = cfg.window_knum**2
+        start = (layer.home - (cfg.share_layers - 1) // 2) * cfg.knum**2
+        o = torch.zeros(cfg.dv, dtype=u.dtype)
+        for cell in cells:
+            row = layer.pool_TD[(start + int(layer.shuffle[cell]) % window) % layer.pool_TD.shape[0]]
+            z = row[:cfg.dp] @ x_p
+            z = F.gelu(z) if cfg.pre_value_act == "gelu" else z
+            w = cfg.dv // C
+            for c in range(C):
+                o[c * w:(c + 1) * w] += grid[c].flatten()[cell] * z * row[cfg.dp + c * w:cfg.dp + (c + 1) * w]
+        out.append(layer.w_o.weight @ o)
+    return torch.stack(out)
+
+
+VARIANTS = {
+    "paper defaults": TINY,
+    "shared rank query": dataclasses.replace(TINY, shared_rank_query=True),
+    "gelu neuron": dataclasses.replace(TINY, pre_value_act="gelu"),
+    "key expansion 2": dataclasses.replace(TINY, key_expand=2, k_rc=10, topm=7, knum=5),
+    "three cores, rank 3": dataclasses.replace(TINY, cores=3, rank=3, dv=9),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_layer_equals_per_token_reference_over_the_full_grid(name):
+    (layer,), _ = make_layers(VARIANTS[name])
+    u = torch.randn(2, 3, 8, dtype=torch.float64)
+    y, aux = layer(u)
+    torch.testing.assert_close(y.view(-1, 8), reference_layer(layer, u.view(-1, 8)))
+    assert aux.item() == 0.0
+
+
+def test_ring_sharing_reads_a_window_centred_on_the_home_table():
+    cfg = dataclasses.replace(TINY, knum=3, share_layers=4, k_rc=6, topm=5)  # window 6² = 36 rows of 4·9
+    layers, pool = make_layers(cfg, n_layers=5)
+    u = torch.randn(4, 8, dtype=torch.float64)
+    for layer in layers:
+        torch.testing.assert_close(layer(u[None])[0][0], reference_layer(layer, u))
+        start = (layer.home - 1) * 9
+        reachable = {(start + s) % 45 for s in range(36)}
+        rows = layer.physical_rows(torch.arange(cfg.keys_per_side**2))
+        assert set(rows.tolist()) == reachable  # the window, wrapping around the 5·9-row pool
+
+
+def test_without_sharing_each_layer_reads_only_its_home_table():
+    layers, _ = make_layers(TINY, n_layers=3)
+    for layer in layers:
+        rows = layer.physical_rows(torch.arange(TINY.keys_per_side**2))
+        assert sorted(rows.tolist()) == list(range(layer.home * 25, (layer.home + 1) * 25))
+
+
+@pytest.mark.parametrize("name", ["paper defaults", "shared rank query", "gelu neuron"])
+def test_gradients_of_every_parameter_and_the_input(name):
+    (layer,), _ = make_layers(VARIANTS[name])
+    names = [n for n, _ in layer.named_parameters()]
+    assert set(names) == {"w_q.weight", "g_q_D", "keys_SRND", "g_k_D", "cores_CRR", "w_pre.weight",
+                          "w_o.weight", "pool_TD"}
+    u = torch.randn(1, 3, 8, dtype=torch.float64)
+
+    def f(u, *params):
+        return functional_call(layer, dict(zip(names, params)), (u,))[0]
+
+    inputs = (u.requires_grad_(True), *(p.detach().clone().requires_grad_(True) for p in layer.parameters()))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
+
+
+def test_no_gradient_reaches_rank1_vectors_or_the_shuffle():
+    (layer,), _ = make_layers(TINY)
+    layer(torch.randn(1, 4, 8, dtype=torch.float64))[0].sum().backward()
+    buffers = dict(layer.named_buffers())
+    assert set(buffers) == {"shuffle", "rank1_u_R", "rank1_v_R"}
+    assert all(not b.requires_grad and b.grad is None for b in buffers.values())
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_rank1_refresh_follows_the_cores_without_flipping_sign():
+    (layer,), _ = make_layers(TINY)
+    u0 = layer.rank1_u_R.clone()
+    with torch.no_grad():
+        layer.cores_CRR.add_(0.01 * torch.randn_like(layer.cores_CRR))
+    layer.refresh_rank1()
+    assert (layer.rank1_u_R - u0).abs().sum() < 0.2  # moved a little, did not flip
+    U, _, Vh = torch.linalg.svd(layer.cores_CRR.detach().sum(0))
+    torch.testing.assert_close(layer.rank1_u_R.abs(), U[:, 0].abs())
+    torch.testing.assert_close(layer.rank1_v_R.abs(), Vh[0].abs())
+
+
+@pytest.mark.parametrize("shared_rank_query", [False, True])
+def test_paper_init_matches_ffn_output_std_and_calibrates_scores(shared_rank_query):
+    # App. A: the memory output std matches the FFN's at step 0, mean top-m score ≈ 1 (A.2)
+    h, L, F_ = 256, 8, 683
+    cfg = UltraMemV2Config(knum=64, topm=16, dk=64, dv=96, dp=32, shared_rank_query=shared_rank_query)
+    (layer,), _ = make_layers(cfg, d_model=h, n_layers=1, dtype=torch.float32)
+    ctx = InitContext("paper", h, L, F_)
+    layer.reset_parameters(ctx)  # again, with this model's depth and FFN, and no jittered norms
+    ffn = SwiGLU(h, F_)
+    ffn.reset_parameters(ctx)
+    u = F.rms_norm(torch.randn(4096, h), (h,))
+    with torch.no_grad():
+        ratio = (layer(u[None])[0].std() / ffn(u).std()).item()
+        s = layer.scores(u)
+        from umv2cli.kernels.tdqkr import select_topm_reference
+        _, _, scores = select_topm_reference(s[:, 0], s[:, 1], layer.cores_CRR, layer.rank1_u_R,
+                                             layer.rank1_v_R, cfg.k_rc, cfg.topm)
+    assert 1 / 1.5 < ratio < 1.5
+    assert abs(scores.sum(-1).mean().item() - 1) < 0.1
+
+
+def test_official_init_uses_the_code_constants():
+    (layer,), pool = make_layers(TINY, scheme="official", dtype=torch.float32)
+    layer.reset_parameters(InitContext("official", 8, 1, 16))
+    torch.testing.assert_close(layer.g_q_D, torch.full((4,), 4**-0.4))
+    assert 0.01 < pool.std().item() < 0.03  # N(0, 0.02²)
+    assert 0 <= layer.cores_CRR.min() and layer.cores_CRR.max() <= 1  # U(0, 1)

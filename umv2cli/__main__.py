@@ -1,0 +1,3 @@
+from umv2cli.cli.app import main
+
+main()

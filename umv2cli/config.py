@@ -1,0 +1,450 @@
+"""Typed, validated model configs.
+
+A `ModelConfig` is a frozen dataclass: the backbone (a decoder-only transformer with a SwiGLU FFN
+in every block) plus at most one kind of sparse layer, placed in chosen blocks:
+
+    sparse = None             dense baseline
+    UltraMemV2Config          every block, parallel to the FFN on the same normed input (paper §3.2)
+    UltraMemV1Config          skip-layer pairs "a:b" (arXiv 2411.12364)
+    PKMConfig                 product-key memory; with swilu + qk_norm + shared_pool it is Memory+
+    PEERConfig                product keys over single-neuron experts (arXiv 2407.04153)
+    MoEConfig                 fine-grained top-k mixture of SwiGLU experts (OLMoE)
+
+Placement (every sparse config has it): ``placement = "all"`` puts a layer in every block reading
+and writing the same block; ``"a:b/c:d"`` (the official code's `mem_insert_way`, blocks counted
+from 0) reads the normed FFN input of block a and adds the output after block b. With
+``replace_ffn = true`` the layer takes the place of the FFN of its block (a must equal b).
+
+Every check raises `UserError` naming the field and the fix. `config_from_dict` builds a config
+from plain data (TOML/JSON), reporting every problem at once; a ``preset`` key starts from a
+preset and overrides its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from umv2cli.errors import UserError
+
+InitScheme = Literal["paper", "official"]
+
+
+def parse_placement(placement: str, n_layers: int) -> list[tuple[int, int]]:
+    """``"all"`` → [(0, 0), (1, 1), …]; ``"2:5/6:9"`` → [(2, 5), (6, 9)] (read block, write block)."""
+    if placement == "all":
+        return [(i, i) for i in range(n_layers)]
+    pairs = []
+    for part in placement.split("/"):
+        read, sep, write = part.partition(":")
+        if not (sep and read.strip().isdigit() and write.strip().isdigit()):
+            raise UserError(f"sparse.placement={placement!r}: expected \"all\" or pairs like \"2:5/6:9\"")
+        pairs.append((int(read), int(write)))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse layers
+
+
+@dataclass(frozen=True)
+class UltraMemV2Config:
+    """UltraMemV2 memory layer (arXiv 2508.18756 §3; paper-notes §1). Defaults: the 227M/1.2B row
+    of Table 10."""
+
+    kind: Literal["ultramemv2"] = "ultramemv2"
+    knum: int = 360
+    """n: keys per side; each layer's home table has n² rows (Table 10: 360)."""
+    topm: int = 32
+    """m: values activated per token per layer (Table 10: 32)."""
+    dk: int = 192
+    """D_k: query/key dim per side, row or column (Table 10: 192)."""
+    dv: int = 192
+    """D_v: value dim; split into `cores` chunks (Table 10: 192)."""
+    dp: int = 192
+    """D_p: pre-value dim of the PEER-style neuron (Table 10: 192); 0 = no neuron, values are
+    weighted by their scores alone (the "value embedding" baseline of §4.2.1)."""
+    k_rc: int | None = None
+    """Row/column candidates before the grid; None means min(topm, 128) (§4.1 caps it at 128),
+    and at most the keys per side."""
+    rank: int = 2
+    """r: Tucker rank (v1 Table 5 and the code: 2)."""
+    cores: int = 2
+    """C: Tucker cores of multi-core scoring (MCS); 2 in the paper and the code."""
+    key_expand: int = 1
+    """E_k: key expansion; the virtual grid is (E_k·n)² slots over the physical table (§3.3)."""
+    share_layers: int = 1
+    """g: layer tables in each layer's ring window of the shared value pool (§4.2.8, Sg-Ring);
+    1 = no sharing. Keys per side grow to isqrt(g·n²)."""
+    shared_rank_query: bool = False
+    """True reproduces the official code: one row and one column query shared by all ranks
+    (paper-notes §9.3). False: per-side, per-rank queries as the paper states."""
+    pre_value_act: Literal["none", "gelu"] = "none"
+    """Activation on the pre-value neuron z (eq. 15: none; the code's mem_use_glu_act: GELU)."""
+    placement: str = "all"
+    replace_ffn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k_rc is None:
+            object.__setattr__(self, "k_rc", min(self.topm, 128, self.keys_per_side))
+        problems = _positive(self, "knum", "topm", "dk", "dv", "k_rc", "rank", "cores",
+                             "key_expand", "share_layers")
+        if self.dp < 0:
+            problems.append(f"sparse.dp={self.dp}: must be ≥ 0 (0 = no pre-value neuron)")
+        if not problems:
+            if self.dv % self.cores:
+                problems.append(f"sparse.dv={self.dv}: must be divisible by sparse.cores={self.cores} "
+                                "(the value is split into one chunk per core)")
+            if self.k_rc > self.keys_per_side:
+                problems.append(f"sparse.k_rc={self.k_rc}: exceeds the {self.keys_per_side} keys per side; "
+                                "lower k_rc or raise knum")
+            if self.topm > self.k_rc**2:
+                problems.append(f"sparse.topm={self.topm}: exceeds the k_rc² = {self.k_rc**2} grid candidates; "
+                                "lower topm or raise k_rc")
+        _raise(problems)
+
+    @property
+    def window_knum(self) -> int:
+        """Keys per side of one layer's window before key expansion: isqrt(g·n²) (paper-notes §1.5)."""
+        return math.isqrt(self.share_layers * self.knum**2)
+
+    @property
+    def keys_per_side(self) -> int:
+        """E_k·isqrt(g·n²): row (and column) keys of one layer."""
+        return self.key_expand * self.window_knum
+
+
+@dataclass(frozen=True)
+class UltraMemV1Config:
+    """UltraMem v1 (arXiv 2411.12364): TDQKR + MCS + implicit value expansion with E projectors,
+    skip-layer placement, Tucker singular-value aux loss. Defaults: the 227M row of Table 10."""
+
+    kind: Literal["ultramem"] = "ultramem"
+    knum: int = 808
+    """n: physical keys per side; the physical table has n² rows (Table 10: 808)."""
+    topm: int = 80
+    """m: values per head per token (Table 10: 2×80)."""
+    heads: int = 2
+    dk: int = 192
+    dv: int = 384
+    rank: int = 2
+    cores: int = 2
+    value_expand: int = 4
+    """E: virtual memory blocks, each with its own output projector (v1 Table 5: 4). Must be a
+    square: keys per side grow to sqrt(E)·n."""
+    aux_coef: float = 0.001
+    """α of the Tucker singular-value penalty (v1 Table 5)."""
+    aux_tau: float = 0.15
+    """τ: margin of that penalty (v1 Table 5)."""
+    placement: str = "2:5/6:9/10:13/14:17"
+    replace_ffn: bool = False
+
+    def __post_init__(self) -> None:
+        problems = _positive(self, "knum", "topm", "heads", "dk", "dv", "rank", "cores", "value_expand")
+        if not problems:
+            if math.isqrt(self.value_expand) ** 2 != self.value_expand:
+                problems.append(f"sparse.value_expand={self.value_expand}: must be a square (1, 4, 9, 16)")
+            if self.dv % self.cores:
+                problems.append(f"sparse.dv={self.dv}: must be divisible by sparse.cores={self.cores}")
+            elif self.topm > math.isqrt(self.value_expand) * self.knum:
+                problems.append(f"sparse.topm={self.topm}: exceeds the sqrt(value_expand)·knum = "
+                                f"{math.isqrt(self.value_expand) * self.knum} keys per side; lower topm or raise knum")
+        _raise(problems)
+
+
+@dataclass(frozen=True)
+class PKMConfig:
+    """Product-key memory (Lample et al. 2019). With swilu, qk_norm and shared_pool it is Memory+
+    (Berges et al. 2024, eq. 2). Defaults: the Memory+ 227M row of Table 10 (D_v = 768, §4.1 †)."""
+
+    kind: Literal["pkm"] = "pkm"
+    knum: int = 1138
+    """n: sub-keys per half; the table has n² rows."""
+    topm: int = 80
+    """k: values per head per token, after a softmax over their scores."""
+    heads: int = 2
+    dk: int = 384
+    """Query dim per head; each half-query (and sub-key) has dk/2."""
+    dv: int = 768
+    swilu: bool = True
+    """Memory+ gating: out = (y ⊙ silu(x W1)) W2."""
+    qk_norm: bool = True
+    shared_pool: bool = True
+    """One value table shared by all PKM layers of the model (Memory+)."""
+    placement: str = "4:4/8:8/12:12/16:16"
+    replace_ffn: bool = True
+
+    def __post_init__(self) -> None:
+        problems = _positive(self, "knum", "topm", "heads", "dk", "dv")
+        if not problems:
+            if self.dk % 2:
+                problems.append(f"sparse.dk={self.dk}: must be even (two half-queries)")
+            if self.topm > self.knum:
+                problems.append(f"sparse.topm={self.topm}: exceeds knum={self.knum} sub-keys; "
+                                "lower topm or raise knum")
+        _raise(problems)
+
+
+@dataclass(frozen=True)
+class PEERConfig:
+    """PEER (arXiv 2407.04153): product keys over knum² single-neuron experts, multi-head."""
+
+    kind: Literal["peer"] = "peer"
+    knum: int = 1024
+    """√N: sub-keys per half; N = knum² experts (PEER §3: 1024²)."""
+    topm: int = 16
+    """k: experts per head per token (PEER §3: 16)."""
+    heads: int = 8
+    dk: int = 256
+    """Query dim per head; each half-query has dk/2."""
+    act: Literal["gelu", "relu"] = "gelu"
+    placement: str = "0:0"
+    replace_ffn: bool = True
+
+    def __post_init__(self) -> None:
+        problems = _positive(self, "knum", "topm", "heads", "dk")
+        if not problems:
+            if self.dk % 2:
+                problems.append(f"sparse.dk={self.dk}: must be even (two half-queries)")
+            if self.topm > self.knum:
+                problems.append(f"sparse.topm={self.topm}: exceeds knum={self.knum} sub-keys; "
+                                "lower topm or raise knum")
+        _raise(problems)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Fine-grained mixture of SwiGLU experts, top-k routing, dropless (OLMoE; paper-notes §2.3)."""
+
+    kind: Literal["moe"] = "moe"
+    n_experts: int = 64
+    topk: int = 8
+    expert_hidden: int = 384
+    """SwiGLU inner width of one expert (OLMoE-227M: 384)."""
+    shared_expert_hidden: int = 0
+    """Inner width of an always-on shared expert; 0 = none."""
+    lb_coef: float = 0.01
+    """Load-balance loss weight (OLMoE: 0.01)."""
+    z_coef: float = 0.001
+    """Router z-loss weight (OLMoE: 0.001)."""
+    placement: str = "all"
+    replace_ffn: bool = True
+
+    def __post_init__(self) -> None:
+        problems = _positive(self, "n_experts", "topk", "expert_hidden")
+        if not problems and self.topk > self.n_experts:
+            problems.append(f"sparse.topk={self.topk}: exceeds n_experts={self.n_experts}")
+        if self.shared_expert_hidden < 0:
+            problems.append(f"sparse.shared_expert_hidden={self.shared_expert_hidden}: must be ≥ 0")
+        _raise(problems)
+
+
+SparseConfig = Union[UltraMemV2Config, UltraMemV1Config, PKMConfig, PEERConfig, MoEConfig]
+SPARSE_KINDS: dict[str, type] = {
+    "ultramemv2": UltraMemV2Config,
+    "ultramem": UltraMemV1Config,
+    "pkm": PKMConfig,
+    "peer": PEERConfig,
+    "moe": MoEConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer (RMSNorm, RoPE, SwiGLU) with an optional sparse layer."""
+
+    d_model: int
+    """h: hidden size."""
+    n_layers: int
+    """L: transformer blocks."""
+    n_heads: int
+    """Attention heads; d_model / n_heads must be even (RoPE rotates pairs)."""
+    ffn_hidden: int
+    """SwiGLU inner width (OLMo's mlp_hidden_size / 2). 0 only when every FFN is replaced."""
+    vocab_size: int = 50304
+    """Embedding rows (OLMoE: 50280 tokens padded to 50304)."""
+    seq_len: int = 2048
+    """Context length: the RoPE table size and the attention-score FLOPs of the accounting."""
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init: InitScheme = "paper"
+    """`paper`: App. A (small init, eq. 26 value std, calibrated norm weights);
+    `official`: the official code's choices (paper-notes §2.2)."""
+    sparse: SparseConfig | None = None
+
+    def __post_init__(self) -> None:
+        problems = _positive(self, "d_model", "n_layers", "n_heads", "vocab_size", "seq_len")
+        if self.ffn_hidden < 0:
+            problems.append(f"ffn_hidden={self.ffn_hidden}: must be ≥ 0")
+        if not problems and (self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2):
+            problems.append(f"n_heads={self.n_heads}: d_model={self.d_model} must split into heads of even size")
+        if self.init not in ("paper", "official"):
+            problems.append(f"init={self.init!r}: must be one of 'paper', 'official'")
+        if self.sparse is not None and not problems:
+            problems += _placement_problems(self.sparse, self.n_layers)
+            if self.ffn_hidden == 0 and self.ffn_blocks() != set():
+                problems.append("ffn_hidden=0: blocks without a replacing sparse layer need an FFN; "
+                                "set ffn_hidden > 0")
+        elif self.ffn_hidden == 0 and not problems:
+            problems.append("ffn_hidden=0: a dense model needs an FFN; set ffn_hidden > 0")
+        _raise(problems)
+
+    def sparse_pairs(self) -> list[tuple[int, int]]:
+        """(read block, write block) of each sparse layer, in order; [] for a dense model."""
+        return [] if self.sparse is None else parse_placement(self.sparse.placement, self.n_layers)
+
+    def ffn_blocks(self) -> set[int]:
+        """Blocks that keep their dense FFN."""
+        replaced = {a for a, _ in self.sparse_pairs()} if self.sparse and self.sparse.replace_ffn else set()
+        return set(range(self.n_layers)) - replaced
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _placement_problems(sparse: SparseConfig, n_layers: int) -> list[str]:
+    try:
+        pairs = parse_placement(sparse.placement, n_layers)
+    except UserError as e:
+        return e.problems
+    problems = []
+    for read, write in pairs:
+        if not (0 <= read <= write < n_layers):
+            problems.append(f"sparse.placement={sparse.placement!r}: pair {read}:{write} needs "
+                            f"0 ≤ read ≤ write < n_layers={n_layers}")
+        elif sparse.replace_ffn and read != write:
+            problems.append(f"sparse.placement={sparse.placement!r}: replace_ffn needs pairs a:a, got {read}:{write}")
+    if len({r for r, _ in pairs}) != len(pairs):
+        problems.append(f"sparse.placement={sparse.placement!r}: a block may host one sparse layer only")
+    if isinstance(sparse, UltraMemV2Config) and sparse.share_layers > len(pairs):
+        problems.append(f"sparse.share_layers={sparse.share_layers}: exceeds the {len(pairs)} memory layers "
+                        "whose tables form the pool; lower share_layers")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers and building from plain data
+
+
+def _positive(obj: Any, *names: str) -> list[str]:
+    prefix = "sparse." if hasattr(obj, "kind") else ""
+    return [f"{prefix}{n}={getattr(obj, n)}: must be a positive integer"
+            for n in names if getattr(obj, n) <= 0]
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise UserError(*problems)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:
+    """Build a `ModelConfig` from plain data, e.g. a parsed TOML file.
+
+    A ``preset = "NAME"`` key starts from that preset; the other keys override its fields
+    (``sparse`` fields one by one). All type and name problems are reported together, one line
+    each, prefixed with `where`.
+    """
+    data = dict(data)
+    if "preset" in data:
+        from umv2cli.model.presets import get_preset
+
+        base = get_preset(str(data.pop("preset"))).to_dict()
+        over, base_sparse = data.get("sparse"), base["sparse"]
+        if isinstance(over, dict) and base_sparse and over.get("kind", base_sparse["kind"]) == base_sparse["kind"]:
+            merged = {**base_sparse, **over}
+            if "k_rc" in merged and "k_rc" not in over:
+                merged.pop("k_rc")  # re-derive the default min(topm, 128) from the new topm
+            data["sparse"] = merged
+        data = {**base, **data}
+    problems: list[str] = []
+    sparse = data.get("sparse")
+    if isinstance(sparse, dict):
+        kind = sparse.get("kind")
+        if kind not in SPARSE_KINDS:
+            problems.append(f"{where}: sparse.kind={kind!r}: must be one of {', '.join(SPARSE_KINDS)}")
+        else:
+            sparse_kwargs = _typed_kwargs(SPARSE_KINDS[kind], sparse, "sparse.", problems)
+    elif sparse is not None:
+        problems.append(f"{where}: sparse: expected a table with a 'kind' key, got {type(sparse).__name__}")
+    kwargs = _typed_kwargs(ModelConfig, {k: v for k, v in data.items() if k != "sparse"}, "", problems)
+    if problems:
+        raise UserError(*[p if p.startswith(where) else f"{where}: {p}" for p in problems])
+    try:
+        sparse_cfg = SPARSE_KINDS[sparse["kind"]](**sparse_kwargs) if isinstance(sparse, dict) else None
+        return ModelConfig(**kwargs, sparse=sparse_cfg)
+    except UserError as e:
+        raise UserError(*[f"{where}: {p}" for p in e.problems]) from None
+
+
+def _typed_kwargs(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:
+    """Check names and types of `data` against the dataclass `cls`; collect problems."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "sparse"]
+    out = {}
+    for key, value in data.items():
+        if key not in names:
+            problems.append(f"{prefix}{key}: unknown field; allowed: {', '.join(names)}")
+            continue
+        ok, expected = _type_ok(value, hints[key])
+        if not ok:
+            problems.append(f"{prefix}{key}={value!r}: expected {expected}")
+        else:
+            out[key] = float(value) if expected == "a number" else value
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    problems += [f"{prefix}{n}: missing; set it" for n in required if n not in data]
+    return out
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args, "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        checks = [_type_ok(value, a) for a in args]
+        return any(ok for ok, _ in checks), " or ".join(e for _, e in checks)
+    if hint is type(None):
+        return value is None, "none"
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def load_config(spec: str) -> ModelConfig:
+    """A preset name, or a path to a TOML or JSON config file."""
+    import json
+    import tomllib
+    from pathlib import Path
+
+    from umv2cli.model.presets import PRESETS, get_preset
+
+    if spec in PRESETS:
+        return get_preset(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{spec}: neither a preset nor a file; see `umv2 model presets` for preset names")
+    if path.is_dir():
+        raise UserError(f"{spec}: is a directory; pass a .toml or .json config file or a preset name")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{spec}: cannot parse ({str(e).splitlines()[0]}); fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{spec}: expected a table of config fields at the top level")
+    return config_from_dict(data, where=str(spec))

@@ -1,0 +1,15 @@
+"""The one exception that user mistakes become.
+
+Library code raises `UserError` with one line per problem: where, what, and the fix, e.g.
+``sparse.topm=4096: exceeds the k_rc² = 1024 grid candidates; lower topm or raise k_rc``.
+`umv2cli.cli.app` catches it once, prints ``error: …`` to stderr and exits with code 2.
+Any other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input (config, preset, path, table). Each line of the message is one problem."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__("\n".join(problems))

@@ -1,0 +1,233 @@
+"""UltraMemV2 memory layer (Huang et al., ByteDance Seed, arXiv 2508.18756, §3).
+
+Every transformer block holds one, beside its SwiGLU FFN: both read the same normed input u and
+their outputs are added to the residual, x_{l+1} = h + FFN(u) + Mem(u) (paper-notes §1.1).
+The forward follows paper-notes §1.3:
+
+     1  queries: one per side (row, column) and per Tucker rank, RMS-normed (eq. 6/10)
+     2  keys: RMS-normed row/column keys, one set per rank
+     3  row/column scores per rank: S_row, S_col ∈ R^{r×n} (eq. 6/10)
+     4  rank-1 prefilter: top-k_rc rows by u^T S_row and columns by v^T S_col
+     5  grid re-scoring of the k_rc² candidates with each Tucker core C_c (eq. 7/11)
+     6  top-m of Σ_c G_c on raw scores (no softmax); keep each core's score
+     7  virtual address → fixed shuffle → physical row of the value pool (eq. 8)
+     8  pre-value neuron z = <P[p], W_pre^T u>, no activation by default (eq. 13-15)
+     9  value split into C chunks, chunk c weighted by core c's score (eq. 15, MCS)
+    10  one output projection W_o (eq. 12/15)
+
+Steps 4-6 are `select_topm_reference` (kernels/tdqkr.py) and steps 8-9 `memory_lookup_reference`
+(kernels/lookup.py), so this file plus those two references is the whole math.
+
+Value pool. All UltraMemV2 layers of a model read one parameter `pool` of L_m·n² rows, each row
+``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²). With ring
+sharing over g tables (§4.2.8, Sg-Ring) its window is n_w² = isqrt(g·n²)² rows centred on its home
+table, wrapping around the pool; the keys per side grow to E_k·n_w. Key expansion E_k (§3.3)
+enlarges the virtual grid to (E_k·n_w)² cells that the shuffle maps onto the window; with one
+projector the per-group sums of the code are simply summed, so a cell's group does not matter.
+
+Paper vs official code (each difference has a switch):
+- per-rank queries (paper §3.2); the code shares one row and one column query across ranks
+  (paper-notes §9.3): `shared_rank_query = true`.
+- pre-value neuron without activation (eq. 15); the code's `mem_use_glu_act`: `pre_value_act = "gelu"`.
+- row/column candidates k_rc = min(m, 128) (paper §4.1); the code uses k_rc = m: set `k_rc`.
+- ring windows centred on the layer (paper §4.2.8); the code's window runs forward only (§9.12).
+- init: App. A (`init = "paper"`, see `reset_parameters`) or the code's constants (`"official"`).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from umv2cli.config import UltraMemV2Config
+from umv2cli.kernels.lookup import memory_lookup_reference
+from umv2cli.kernels.tdqkr import rank1_vectors, select_topm_reference
+from umv2cli.model.costs import LayerCosts
+from umv2cli.model.init import InitContext, normal_
+
+# B tokens (batch·seq)  H hidden h  S side (row, col)  R Tucker rank r  C cores
+# D key dim D_k  N keys per side  M selected values m
+# P pre-value dim D_p  V value dim D_v  T pool rows  K Monte-Carlo samples
+NORM_EPS = 1e-6
+
+
+def new_value_pool(cfg: UltraMemV2Config, n_mem_layers: int) -> nn.Parameter:
+    """The [L_m·n², D_p + D_v] pool every UltraMemV2 layer of a model shares; layers fill it."""
+    return nn.Parameter(torch.empty(n_mem_layers * cfg.knum**2, cfg.dp + cfg.dv))
+
+
+class UltraMemV2(nn.Module):
+    def __init__(self, cfg: UltraMemV2Config, d_model: int, *, pool: nn.Parameter, home: int):
+        super().__init__()
+        self.cfg, self.home = cfg, home
+        R, D, N = cfg.rank, cfg.dk, cfg.keys_per_side
+        query_slots = 1 if cfg.shared_rank_query else R
+        self.w_q = nn.Linear(d_model, 2 * query_slots * D, bias=False)
+        self.g_q_D = nn.Parameter(torch.ones(D))
+        self.keys_SRND = nn.Parameter(torch.empty(2, R, N, D))
+        self.g_k_D = nn.Parameter(torch.ones(D))
+        self.cores_CRR = nn.Parameter(torch.empty(cfg.cores, R, R))
+        self.w_pre = nn.Linear(d_model, cfg.dp, bias=False) if cfg.dp else None
+        self.w_o = nn.Linear(cfg.dv, d_model, bias=False)
+        self.pool_TD = pool  # shared with the other layers, like tied embeddings
+        # written at init, persistent so a resumed run reads the same rows
+        self.register_buffer("shuffle", torch.empty(N * N, dtype=torch.int32))
+        # written by refresh_rank1() once per optimizer step; detached, persistent for exact resume
+        self.register_buffer("rank1_u_R", torch.zeros(R))
+        self.register_buffer("rank1_v_R", torch.zeros(R))
+
+    # ------------------------------------------------------------------------------------------
+    # forward, steps 1-10
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss)."""
+        u_BH = u.reshape(-1, u.shape[-1])
+        s_BSRN = self.scores(u_BH)  # steps 1-3
+        rows_BM, cols_BM, scores_BMC = select_topm_reference(  # steps 4-6
+            s_BSRN[:, 0], s_BSRN[:, 1], self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
+            self.cfg.k_rc, self.cfg.topm)
+        p_BM = self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM)  # step 7
+        x_p_BP = self.w_pre(u_BH) if self.w_pre is not None else u_BH.new_zeros(u_BH.shape[0], 0)
+        o_BV = memory_lookup_reference(  # steps 8-9
+            x_p_BP, self.pool_TD, p_BM, scores_BMC, self.cfg.pre_value_act)
+        y_BH = self.w_o(o_BV)  # step 10 (eq. 12/15)
+        return y_BH.view(u.shape), u.new_zeros(())
+
+    def scores(self, u_BH: torch.Tensor) -> torch.Tensor:
+        """Steps 1-3: per-side, per-rank scores S [B, 2, r, n] (eq. 6/10)."""
+        q_BSRD = self.normed_queries(self.w_q(u_BH), self.g_q_D)  # step 1
+        k_SRND = F.rms_norm(self.keys_SRND, (self.cfg.dk,), self.g_k_D, NORM_EPS)  # step 2
+        return torch.einsum("bsrd,srnd->bsrn", q_BSRD, k_SRND)  # step 3
+
+    def normed_queries(self, q_flat: torch.Tensor, g_D: torch.Tensor | None) -> torch.Tensor:
+        """[B, 2·slots·D] → RMS-normed [B, 2, r, D]; a shared rank query is repeated over ranks."""
+        B, R, D = q_flat.shape[0], self.cfg.rank, self.cfg.dk
+        q_BSRD = q_flat.view(B, 2, -1, D).expand(B, 2, R, D)
+        return F.rms_norm(q_BSRD, (D,), g_D, NORM_EPS)
+
+    def physical_rows(self, cell_BM: torch.Tensor) -> torch.Tensor:
+        """Step 7 (eq. 8): virtual grid cell → shuffled slot → row of this layer's pool window."""
+        n2, window = self.cfg.knum**2, self.cfg.window_knum**2
+        start = (self.home - (self.cfg.share_layers - 1) // 2) * n2  # window centred on home table
+        slot_BM = self.shuffle[cell_BM].long() % window
+        return (start + slot_BM) % self.pool_TD.shape[0]
+
+    @torch.no_grad()
+    def refresh_rank1(self) -> None:
+        """Step 4's (u, v) from the current cores; the trainer calls it once per optimizer step."""
+        u_R, v_R = rank1_vectors(self.cores_CRR, self.rank1_u_R, self.rank1_v_R)
+        self.rank1_u_R.copy_(u_R)
+        self.rank1_v_R.copy_(v_R)
+
+    # ------------------------------------------------------------------------------------------
+    # initialization (paper App. A, or the official code)
+
+    @torch.no_grad()
+    def reset_parameters(self, ctx: InitContext) -> None:
+        """`paper` (App. A): small-init W_q, W_pre, W_o; q/k norm weights calibrated so the mean
+        top-m score is 1 (A.2); pool rows drawn with σ_V from eq. 26. `official`: the code's
+        constants (paper-notes §2.2). Both: keys N(0, 1/D_k), cores U(0, 1), a fresh shuffle.
+        Each layer initializes its own home table of the shared pool."""
+        cfg, D = self.cfg, self.cfg.dk
+        normal_(self.keys_SRND, D**-0.5)
+        nn.init.uniform_(self.cores_CRR, 0.0, 1.0)
+        self.shuffle.copy_(torch.randperm(self.shuffle.numel(), dtype=torch.int32))
+        self.rank1_u_R.zero_()
+        self.rank1_v_R.zero_()
+        self.refresh_rank1()
+        if ctx.scheme == "paper":
+            for linear in (self.w_q, self.w_pre, self.w_o):
+                if linear is not None:
+                    normal_(linear.weight, ctx.small_std)
+            g, second_moment = self.calibrate_norm_weight()
+            self.g_q_D.fill_(g)
+            self.g_k_D.fill_(g)
+            table_std = paper_table_std(cfg, ctx, second_moment)
+        else:
+            normal_(self.w_q.weight, D**-0.5)
+            if self.w_pre is not None:
+                normal_(self.w_pre.weight, ctx.d_model**-0.5)
+            normal_(self.w_o.weight, cfg.dv**-0.5)
+            self.g_q_D.fill_(D**-0.4)
+            self.g_k_D.fill_(D**-0.4)
+            table_std = 0.02
+        n2 = cfg.knum**2
+        normal_(self.pool_TD[self.home * n2 : (self.home + 1) * n2], table_std)
+
+    @torch.no_grad()
+    def calibrate_norm_weight(self, samples: int = 512) -> tuple[float, float]:
+        """App. A.2: feed random RMS-normed queries through TDQKR with this layer's keys and cores
+        at norm weight 1; every grid score is bilinear in two norm-weighted dot products, so it
+        scales as g⁴ and g = mean_top_m^(-1/4) brings the mean selected score to 1.
+
+        Returns g and E[s²] = 1 + σ_s² of the selected (summed) scores after scaling, for eq. 26.
+        """
+        gen = torch.Generator().manual_seed(0)
+        R, D = self.cfg.rank, self.cfg.dk
+        q_flat = torch.randn(samples, self.w_q.out_features, generator=gen).to(self.keys_SRND)
+        q_KSRD = self.normed_queries(q_flat, None)
+        k_SRND = F.rms_norm(self.keys_SRND, (D,), None, NORM_EPS)
+        s_KSRN = torch.einsum("ksrd,srnd->ksrn", q_KSRD, k_SRND)
+        _, _, scores_KMC = select_topm_reference(
+            s_KSRN[:, 0], s_KSRN[:, 1], self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
+            self.cfg.k_rc, self.cfg.topm)
+        top_KM = scores_KMC.sum(-1)
+        g4 = 1.0 / top_KM.mean().item()
+        return g4**0.25, (top_KM * g4).pow(2).mean().item()
+
+
+def paper_table_std(cfg: UltraMemV2Config, ctx: InitContext, score_second_moment: float) -> float:
+    """σ_V of the value and pre-value tables from App. A eq. 26, read as σ_V⁴ (paper-notes §9.1):
+
+        σ_V⁴ = 0.2 · k_inner · h / (k · n_head · (1 + σ_s²) · d_prev · d_v · L)
+
+    with k = m, n_head = 1, k_inner = FFN inner / h. It sets the memory output variance
+    0.16 (1+σ_s²) σ_V⁴ d_prev k d_v / h (eq. 22) equal to the FFN's 0.064 k_inner / (2L) (eq. 25).
+    Without a pre-value neuron (D_p = 0) eq. 22 loses its factor 0.4 σ_V² d_prev, giving
+    σ_V² = 0.08 · k_inner · h / (k · (1 + σ_s²) · d_v · L) by the same steps.
+
+    Two approximations of the printed derivation, kept for fidelity: eq. 25 takes the SwiGLU inner
+    variance as 0.16 where the exact value for N(0, 0.4) inputs is 0.049, and eq. 22 weights each
+    value by the whole score where multi-core scoring gives each chunk one core's share. They
+    pull in opposite directions; `tests/model/test_ultramemv2.py` measures the resulting
+    std(Mem(u)) / std(FFN(u)).
+    """
+    k_inner = ctx.ffn_hidden / ctx.d_model
+    common = k_inner * ctx.d_model / (cfg.topm * score_second_moment * cfg.dv * ctx.n_layers)
+    if cfg.dp == 0:
+        return math.sqrt(0.08 * common)
+    return (0.2 * common / cfg.dp) ** 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# accounting
+
+
+def ultramemv2_costs(cfg: UltraMemV2Config, d_model: int) -> LayerCosts:
+    """Per-token cost of one layer (paper-notes §1.3, §3). Its home table is its sparse share of
+    the pool (L_m home tables make the pool, so layer counts add up with or without sharing).
+
+    MACs: query projection h·2·slots·D_k; key scoring 2·r·N·D_k (dense over all keys, the MCP
+    term of §3); prefilter 2·r·N; grid C·(k_rc·r² + k_rc²·r); pre-values m·D_p and W_pre h·D_p;
+    lookup m·D_v; W_o D_v·h.
+    """
+    h, R, C, D, N = d_model, cfg.rank, cfg.cores, cfg.dk, cfg.keys_per_side
+    slots = 1 if cfg.shared_rank_query else R
+    krc, m = cfg.k_rc, cfg.topm
+    macs = {
+        "query": h * 2 * slots * D,
+        "keys": 2 * R * N * D,
+        "prefilter": 2 * R * N,
+        "grid": C * (krc * R * R + krc * krc * R),
+        "pre_values": m * cfg.dp + h * cfg.dp,
+        "lookup": m * cfg.dv,
+        "out": cfg.dv * h,
+    }
+    dense = h * 2 * slots * D + 2 * D + 2 * R * N * D + C * R * R + h * cfg.dp + cfg.dv * h
+    return LayerCosts(
+        dense_params=dense,
+        sparse_params=cfg.knum**2 * (cfg.dp + cfg.dv),
+        activated_sparse_params=m * (cfg.dp + cfg.dv),
+        macs=macs,
+    )
