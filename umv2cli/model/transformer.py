@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from umv2cli.config import (ModelConfig, MoEConfig, PEERConfig, PKMConfig, SparseConfig,
-                            UltraMemV1Config, UltraMemV2Config)
+from umv2cli.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, UltraMemV1Config, UltraMemV2Config
 from umv2cli.model import pkm, ultramemv2
 from umv2cli.model.ffn import SwiGLU
 from umv2cli.model.init import InitContext, normal_
@@ -158,6 +157,3 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
         model = Transformer(cfg)
     return model.to(device)
 
-
-def sparse_kind(sparse: SparseConfig | None) -> str:
-    return "dense" if sparse is None else sparse.kind

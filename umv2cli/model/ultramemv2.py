@@ -101,9 +101,10 @@ class UltraMemV2(nn.Module):
         return torch.einsum("bsrd,srnd->bsrn", q_BSRD, k_SRND)  # step 3
 
     def normed_queries(self, q_flat: torch.Tensor, g_D: torch.Tensor | None) -> torch.Tensor:
-        """[B, 2·slots·D] → RMS-normed [B, 2, r, D]; a shared rank query is repeated over ranks."""
+        """[B, 2·slots·D] → RMS-normed [B, 2, r, D]; a shared rank query is repeated over ranks.
+        The norm runs in the weights' dtype (fp32 under bf16 autocast), which steadies top-k."""
         B, R, D = q_flat.shape[0], self.cfg.rank, self.cfg.dk
-        q_BSRD = q_flat.view(B, 2, -1, D).expand(B, 2, R, D)
+        q_BSRD = q_flat.to(self.g_q_D.dtype).view(B, 2, -1, D).expand(B, 2, R, D)
         return F.rms_norm(q_BSRD, (D,), g_D, NORM_EPS)
 
     def physical_rows(self, cell_BM: torch.Tensor) -> torch.Tensor:
