@@ -11,7 +11,7 @@ in every block) plus at most one kind of sparse layer, placed in chosen blocks:
     MoEConfig                 fine-grained top-k mixture of SwiGLU experts (OLMoE)
 
 Placement (every sparse config has it): ``placement = "all"`` puts a layer in every block reading
-and writing the same block; ``"a:b/c:d"`` (the official code's `mem_insert_way`, blocks counted
+and writing the same block; ``"middle"`` one in block L//2; ``"a:b/c:d"`` (the official code's `mem_insert_way`, blocks counted
 from 0) reads the normed FFN input of block a and adds the output after block b. With
 ``replace_ffn = true`` the layer takes the place of the FFN of its block (a must equal b).
 
@@ -35,14 +35,17 @@ InitScheme = Literal["paper", "official"]
 
 
 def parse_placement(placement: str, n_layers: int) -> list[tuple[int, int]]:
-    """``"all"`` → [(0, 0), (1, 1), …]; ``"2:5/6:9"`` → [(2, 5), (6, 9)] (read block, write block)."""
+    """``"all"`` → [(0, 0), (1, 1), …]; ``"middle"`` → [(L//2, L//2)]; ``"2:5/6:9"`` → [(2, 5), (6, 9)]
+    (read block, write block)."""
     if placement == "all":
         return [(i, i) for i in range(n_layers)]
+    if placement == "middle":
+        return [(n_layers // 2, n_layers // 2)]
     pairs = []
     for part in placement.split("/"):
         read, sep, write = part.partition(":")
         if not (sep and read.strip().isdigit() and write.strip().isdigit()):
-            raise UserError(f"sparse.placement={placement!r}: expected \"all\" or pairs like \"2:5/6:9\"")
+            raise UserError(f"sparse.placement={placement!r}: expected \"all\", \"middle\" or pairs like \"2:5/6:9\"")
         pairs.append((int(read), int(write)))
     return pairs
 
@@ -179,14 +182,7 @@ class PKMConfig:
     replace_ffn: bool = True
 
     def __post_init__(self) -> None:
-        problems = _positive(self, "knum", "topm", "heads", "dk", "dv")
-        if not problems:
-            if self.dk % 2:
-                problems.append(f"sparse.dk={self.dk}: must be even (two half-queries)")
-            if self.topm > self.knum:
-                problems.append(f"sparse.topm={self.topm}: exceeds knum={self.knum} sub-keys; "
-                                "lower topm or raise knum")
-        _raise(problems)
+        _raise(_product_key_problems(self, "dv"))
 
 
 @dataclass(frozen=True)
@@ -202,18 +198,12 @@ class PEERConfig:
     dk: int = 256
     """Query dim per head; each half-query has dk/2."""
     act: Literal["gelu", "relu"] = "gelu"
-    placement: str = "0:0"
+    placement: str = "middle"
+    """PEER §3 replaces the FFN of the middle block."""
     replace_ffn: bool = True
 
     def __post_init__(self) -> None:
-        problems = _positive(self, "knum", "topm", "heads", "dk")
-        if not problems:
-            if self.dk % 2:
-                problems.append(f"sparse.dk={self.dk}: must be even (two half-queries)")
-            if self.topm > self.knum:
-                problems.append(f"sparse.topm={self.topm}: exceeds knum={self.knum} sub-keys; "
-                                "lower topm or raise knum")
-        _raise(problems)
+        _raise(_product_key_problems(self))
 
 
 @dataclass(frozen=True)
@@ -339,6 +329,17 @@ def _positive(obj: Any, *names: str) -> list[str]:
     prefix = "sparse." if hasattr(obj, "kind") else ""
     return [f"{prefix}{n}={getattr(obj, n)}: must be a positive integer"
             for n in names if getattr(obj, n) <= 0]
+
+
+def _product_key_problems(cfg: "PKMConfig | PEERConfig", *more_positive: str) -> list[str]:
+    """Checks shared by the product-key layers: two half-queries, top-k within one side's keys."""
+    problems = _positive(cfg, "knum", "topm", "heads", "dk", *more_positive)
+    if not problems:
+        if cfg.dk % 2:
+            problems.append(f"sparse.dk={cfg.dk}: must be even (two half-queries)")
+        if cfg.topm > cfg.knum:
+            problems.append(f"sparse.topm={cfg.topm}: exceeds knum={cfg.knum} sub-keys; lower topm or raise knum")
+    return problems
 
 
 def _raise(problems: list[str]) -> None:

@@ -60,6 +60,8 @@ def test_sparse_layers_read_the_normed_ffn_input_of_their_read_block():
 def test_replaced_blocks_have_no_ffn_and_the_others_keep_theirs():
     memoryplus = build_model(get_preset("tiny-memoryplus"))  # replaces the FFN of blocks 1 and 3
     assert [b.ffn is None for b in memoryplus.blocks] == [False, True, False, True]
+    peer = build_model(get_preset("tiny-peer"))  # "middle": the FFN of block L//2 (PEER §3)
+    assert [b.ffn is None for b in peer.blocks] == [False, False, True, False]
     ultramemv2 = build_model(get_preset("tiny-ultramemv2"))  # parallel to the FFN in every block
     assert all(b.ffn is not None for b in ultramemv2.blocks) and len(ultramemv2.sparse) == 4
 

@@ -117,7 +117,7 @@ def tiny_pkm() -> ModelConfig:
 
 
 def tiny_peer() -> ModelConfig:
-    return _tiny(ffn_hidden=192, sparse=PEERConfig(knum=16, topm=4, heads=4, dk=32, placement="2:2"))
+    return _tiny(ffn_hidden=192, sparse=PEERConfig(knum=16, topm=4, heads=4, dk=32))
 
 
 def tiny_moe() -> ModelConfig:
