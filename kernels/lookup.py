@@ -30,7 +30,9 @@ def memory_lookup_reference(
     B, M, C = scores_BMC.shape
     P = x_p_BP.shape[-1]
     V = table_TD.shape[-1] - P
-    row_BMD = table_TD[rows_BM]  # read m·(D_p + D_v) per token
+    # read m·(D_p + D_v) per token; F.embedding, not table[rows]: on CPU the backward of advanced
+    # indexing accumulates repeated rows in a thread-dependent order, embedding's does not
+    row_BMD = F.embedding(rows_BM, table_TD)
     pre_BMP, val_BMV = row_BMD.split([P, V], dim=-1)
     if P:  # step 8: pre-value neuron (eq. 13-15)
         z_BM = torch.einsum("bmp,bp->bm", pre_BMP, x_p_BP)

@@ -322,6 +322,121 @@ def _placement_problems(sparse: SparseConfig, n_layers: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# a training run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one run trains (paper-notes §2.3 for the defaults that come from the official code)."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    seq_len: int | None = None
+    """Tokens per sequence; None = the model's seq_len."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """Warmup then cosine to min_lr_ratio·lr, or WSD: warmup, constant, linear cooldown."""
+    warmup: float = 0.01
+    """Fraction of the steps spent warming up linearly (the official runs: ≈1-2%)."""
+    cooldown: float = 0.2
+    """WSD only: fraction of the steps of the final decay."""
+    min_lr_ratio: float = 0.1
+    """Final lr / peak lr (the official code's alpha_f = 0.1)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on every parameter as in the official code (paper-notes §9.18)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    value_lr_mult: float = 1.0
+    """Learning-rate multiplier of the memory tables (V2 §4.2.9: 1× is best for long runs)."""
+    value_lr_decay: bool = False
+    """Decay that multiplier linearly from value_lr_mult× to 1× over the run (UltraMem v1 style)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    eval_batches: int = 4
+    """Validation micro-batches per evaluation."""
+    task_samples: int = 32
+    """Sequences per memory task per evaluation (0: skip the memory tasks)."""
+    ckpt_every: int = 0
+    """Checkpoint every N steps (0: only at the end and on SIGTERM/SIGUSR1/SIGUSR2)."""
+    seed: int = 0
+    """Seeds the weights and the data order."""
+    device: str = "auto"
+    """"auto" (CUDA when there is one), "cpu", "cuda", "cuda:N"."""
+    compile: bool = False
+    """Run the model through torch.compile."""
+
+    def __post_init__(self) -> None:
+        problems = [f"train.{n}={getattr(self, n)}: must be a positive integer"
+                    for n in ("steps", "batch_size", "grad_accum", "eval_batches") if getattr(self, n) <= 0]
+        if self.seq_len is not None and self.seq_len <= 0:
+            problems.append(f"train.seq_len={self.seq_len}: must be positive (or omitted for the model's)")
+        problems += [f"train.{n}={getattr(self, n)}: must be ≥ 0"
+                     for n in ("eval_every", "ckpt_every", "task_samples", "grad_clip", "weight_decay")
+                     if getattr(self, n) < 0]
+        problems += [f"train.{n}={getattr(self, n)}: must be in [0, 1)"
+                     for n in ("warmup", "cooldown", "min_lr_ratio") if not 0 <= getattr(self, n) < 1]
+        if self.lr <= 0 or self.value_lr_mult <= 0:
+            problems.append("train.lr and train.value_lr_mult: must be positive")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"train.device={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        _raise(problems)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run: its hash is the run's identity (the sweep's run id)."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str = "builtin"
+    """A prepared data directory (`umv2 data prepare`), a nanoGPT directory, or "builtin"."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train), "data": self.data}
+
+
+def run_spec_from_dict(data: dict[str, Any], where: str = "run") -> RunSpec:
+    """``{"model": {...} | "PRESET", "train": {...}, "data": "..."}`` → `RunSpec`, all problems at once."""
+    problems = [f"{where}: {key}: unknown field; allowed: model, train, data"
+                for key in data if key not in ("model", "train", "data")]
+    if "model" not in data:
+        problems.append(f"{where}: model: missing; give a preset name or a table of model fields")
+    if not isinstance(data.get("data", ""), str):
+        problems.append(f"{where}: data={data['data']!r}: expected a directory or \"builtin\"")
+    train = data.get("train", {})
+    if not isinstance(train, dict):
+        problems.append(f"{where}: train: expected a table of training fields")
+        train = {}
+    train_kwargs = _typed_kwargs(TrainConfig, train, "train.", problems)
+    model = data.get("model")
+    model_cfg = None
+    try:
+        if isinstance(model, str):
+            from umv2cli.model.presets import get_preset
+
+            model_cfg = get_preset(model)
+        elif isinstance(model, dict):
+            model_cfg = config_from_dict(model, where=f"{where}: model")
+        elif model is not None:
+            problems.append(f"{where}: model: expected a preset name or a table of model fields")
+    except UserError as e:
+        problems += [p if p.startswith(where) else f"{where}: {p}" for p in e.problems]
+    if problems:
+        raise UserError(*[p if p.startswith(where) else f"{where}: {p}" for p in problems])
+    try:
+        return RunSpec(model=model_cfg, train=TrainConfig(**train_kwargs), data=data.get("data", "builtin"))
+    except UserError as e:
+        raise UserError(*[f"{where}: {p}" for p in e.problems]) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # validation helpers and building from plain data
 
 

@@ -11,24 +11,6 @@ REQUIRED_KEYS = {"activated_params", "activated_params_no_embedding", "total_par
                  "decode_bytes_per_token"}
 
 
-@pytest.fixture
-def umv2(capsys, monkeypatch):
-    """Run `umv2 ARGS…` in this process through the console entry point; (code, stdout, stderr)."""
-    from umv2cli.cli.app import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["umv2", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
-
-
 def test_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "umv2cli", "--help"],
                          capture_output=True, text=True)

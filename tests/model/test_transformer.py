@@ -77,3 +77,30 @@ def test_shared_pool_is_one_parameter_for_every_memory_layer():
     model = build_model(get_preset("tiny-ultramemv2"))
     assert all(layer.pool_TD is model.memory_pool for layer in model.sparse)
     assert sum(p is model.memory_pool for p in model.parameters()) == 1
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_training_is_bitwise_deterministic_with_several_threads(preset):
+    # exact resume needs it; advanced-indexing backward on CPU is not (the layers use F.embedding)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(2):
+            model = build_model(get_preset(preset), seed=0)
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            gen = torch.Generator().manual_seed(0)
+            losses = []
+            for _ in range(6):
+                idx = torch.randint(0, 512, (8, 33), generator=gen)
+                logits, aux = model(idx[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+                (loss + aux).backward()
+                opt.step()
+                opt.zero_grad()
+                model.refresh_rank1()
+                losses.append(loss.item())
+            runs.append(losses)
+        assert runs[0] == runs[1]
+    finally:
+        torch.set_num_threads(threads)

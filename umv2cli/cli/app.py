@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from umv2cli.cli import model
+from umv2cli.cli import bench, data, model, train
 from umv2cli.errors import UserError
 
 app = typer.Typer(
@@ -18,6 +18,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(model.app, name="model")
+app.add_typer(data.app, name="data")
+app.command(name="train")(train.train)
+app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:

@@ -114,14 +114,14 @@ class MoE(nn.Module):
         # step 2: dispatch: sort the slots by expert (stable: token order within an expert);
         # slot s = n·K + k belongs to token n = s // K
         order_S = experts_NK.flatten().argsort(stable=True)
-        x_SH = x_NH[order_S // K]
+        x_SH = x_NH.index_select(0, order_S // K)  # deterministic backward, unlike x_NH[…] on CPU
 
         # step 3: experts, each on all the rows sent to it (dropless); .tolist() syncs with the device
         y_SH = self.experts(x_SH, counts_E.tolist())
 
         # step 4: combine: undo the sort, then a weighted sum over each token's K slots, without
         # atomics, so it is deterministic on GPU too
-        y_NKH = y_SH[order_S.argsort()].view(N, K, H)
+        y_NKH = y_SH.index_select(0, order_S.argsort()).view(N, K, H)
         y_NH = torch.einsum("nk,nkh->nh", probs_NK.to(y_NKH.dtype), y_NKH)
 
         # step 5: shared expert, always on

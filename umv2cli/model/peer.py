@@ -79,6 +79,10 @@ class PEER(nn.Module):
         s_BTQK, pos_BTQK = grid_BTQC.topk(K, dim=-1)
         return s_BTQK, grid_idx_BTQC.gather(-1, pos_BTQK)
 
+    def tables(self) -> list[nn.Parameter]:
+        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        return [self.w_down_XH, self.w_up_XH]
+
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_BTH: the block's normed FFN input [B, T, H].
         Returns (y_BTH, aux) with aux a 0-dim zero tensor (PEER has no auxiliary loss)."""

@@ -96,6 +96,10 @@ class ProductKeyMemory(nn.Module):
         if self.cfg.swilu:
             normal_(self.w1.weight, self.d_model**-0.5)  # Meta: the layer's output_dim for both projections
 
+    def tables(self) -> list[nn.Parameter]:
+        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        return [self.values]
+
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_BTH: the block's normed FFN input. Returns (y_BTH, aux), aux a 0-dim zero (no aux loss)."""
         B, T, _ = u_BTH.shape

@@ -125,6 +125,11 @@ class Transformer(nn.Module):
         logits = x @ self.embed.weight.T if self.lm_head is None else self.lm_head(x)
         return logits, aux
 
+    def memory_tables(self) -> list[nn.Parameter]:
+        """Every memory table of the sparse layers, once each (a shared pool is one table)."""
+        tables = {id(t): t for layer in self.sparse if hasattr(layer, "tables") for t in layer.tables()}
+        return list(tables.values())
+
     @torch.no_grad()
     def refresh_rank1(self) -> None:
         """Refresh the TDQKR prefilter vectors of every layer that has them; call once per

@@ -73,6 +73,10 @@ class UltraMemV1(nn.Module):
         self.register_buffer("rank1_u_R", torch.zeros(R), persistent=True)
         self.register_buffer("rank1_v_R", torch.zeros(R), persistent=True)
 
+    def tables(self) -> list[nn.Parameter]:
+        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        return [self.values_PV]
+
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_BTH: normed FFN input of the read block [B, T, H]. Returns (y_BTH, aux): aux is the
         0-dim, already α-weighted Tucker singular-value penalty
@@ -84,7 +88,7 @@ class UltraMemV1(nn.Module):
         cell_GM = self.shuffle_X[rows_GM * self.n_keys + cols_GM].long()
         block_KJ, row_KJ = (cell_GM // P).view(K, J), (cell_GM % P).view(K, J)
         # step 8: chunk c of each value weighted by core c's raw score, summed per block (and head)
-        v_KJCW = self.values_PV[row_KJ].view(K, J, self.cfg.cores, -1)
+        v_KJCW = F.embedding(row_KJ, self.values_PV).view(K, J, self.cfg.cores, -1)  # deterministic backward
         onehot_KJE = F.one_hot(block_KJ, E).to(v_KJCW.dtype)
         o_KECW = torch.einsum("kje,kjc,kjcw->kecw", onehot_KJE, scores_GMC.reshape(K, J, -1), v_KJCW)
         # step 9: y = Σ_p W_p^T o_p

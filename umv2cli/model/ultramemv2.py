@@ -83,16 +83,20 @@ class UltraMemV2(nn.Module):
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss)."""
         u_BH = u.reshape(-1, u.shape[-1])
-        s_BSRN = self.scores(u_BH)  # steps 1-3
-        rows_BM, cols_BM, scores_BMC = select_topm_reference(  # steps 4-6
-            s_BSRN[:, 0], s_BSRN[:, 1], self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
-            self.cfg.k_rc, self.cfg.topm)
-        p_BM = self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM)  # step 7
+        p_BM, scores_BMC = self.select(u_BH)  # steps 1-7
         x_p_BP = self.w_pre(u_BH) if self.w_pre is not None else u_BH.new_zeros(u_BH.shape[0], 0)
         o_BV = memory_lookup_reference(  # steps 8-9
             x_p_BP, self.pool_TD, p_BM, scores_BMC, self.cfg.pre_value_act)
         y_BH = self.w_o(o_BV)  # step 10 (eq. 12/15)
         return y_BH.view(u.shape), u.new_zeros(())
+
+    def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-7: the m pool rows each token reads [B, m] and their per-core scores [B, m, C]."""
+        s_BSRN = self.scores(u_BH)  # steps 1-3
+        rows_BM, cols_BM, scores_BMC = select_topm_reference(  # steps 4-6
+            s_BSRN[:, 0], s_BSRN[:, 1], self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
+            self.cfg.k_rc, self.cfg.topm)
+        return self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM), scores_BMC  # step 7
 
     def scores(self, u_BH: torch.Tensor) -> torch.Tensor:
         """Steps 1-3: per-side, per-rank scores S [B, 2, r, n] (eq. 6/10)."""
@@ -113,6 +117,10 @@ class UltraMemV2(nn.Module):
         start = (self.home - (self.cfg.share_layers - 1) // 2) * n2  # window centred on home table
         slot_BM = self.shuffle[cell_BM].long() % window
         return (start + slot_BM) % self.pool_TD.shape[0]
+
+    def tables(self) -> list[nn.Parameter]:
+        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        return [self.pool_TD]
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
@@ -176,6 +184,24 @@ class UltraMemV2(nn.Module):
         top_KM = scores_KMC.sum(-1)
         g4 = 1.0 / top_KM.mean().item()
         return g4**0.25, (top_KM * g4).pow(2).mean().item()
+
+
+@torch.no_grad()
+def selection_health(layer: UltraMemV2, u_BH: torch.Tensor) -> dict[str, float]:
+    """How one layer uses its window (the official code logs the same): the mean selected score
+    Σ_c s_c, the share of the window's rows touched by these tokens, and KL(usage ‖ uniform)
+    over those rows (0 = perfectly even; log W = every lookup on one row)."""
+    p_BM, scores_BMC = layer.select(u_BH)
+    window, n2 = layer.cfg.window_knum**2, layer.cfg.knum**2
+    start = (layer.home - (layer.cfg.share_layers - 1) // 2) * n2
+    slot = (p_BM.flatten() - start) % layer.pool_TD.shape[0]
+    q_W = torch.bincount(slot, minlength=window).double() / slot.numel()
+    used = q_W > 0
+    return {
+        "mean_topm_score": scores_BMC.sum(-1).mean().item(),
+        "values_touched": used.double().mean().item(),
+        "usage_kl": (q_W[used] * (q_W[used] * window).log()).sum().item(),
+    }
 
 
 def paper_table_std(cfg: UltraMemV2Config, ctx: InitContext, score_second_moment: float) -> float:

@@ -1,0 +1,66 @@
+"""`umv2 data prepare` in-process, through `umv2cli.cli.app.main`'s error handling."""
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "a.txt").write_text("naïve café — 東京\n" * 30)
+    (tmp_path / "src" / "sub" / "b.py").write_text("def f(x):\n    return x + 1\n" * 30)
+    (tmp_path / "src" / "blob.bin").write_bytes(b"\0\1\2\3")
+    return tmp_path / "src"
+
+
+def test_prepare_prints_one_summary_line_with_counts_and_meta_path(umv2, corpus, tmp_path):
+    code, out, err = umv2("data", "prepare", corpus, "--out", tmp_path / "out", "--val-fraction", "0.3")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    train, val = meta["tokens"]["train"], meta["tokens"]["val"]
+    assert out == (f"{train:,} train + {val:,} val tokens from 2 documents, 1 file skipped "
+                   f"(byte, vocab 257, uint16) → {tmp_path / 'out' / 'meta.json'}\n")
+    assert sorted([train, val]) == [len(("naïve café — 東京\n" * 30).encode()), 30 * 27]  # a document each
+
+
+def test_prepare_trains_bpe_with_the_tokenizer_option(umv2, corpus, tmp_path):
+    code, out, _ = umv2("data", "prepare", corpus / "a.txt", corpus / "sub", "-o", tmp_path / "out",
+                        "--tokenizer", "bpe:300", "--seed", "1")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert code == 0 and "(bpe, vocab" in out and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert meta["seed"] == 1 and meta["tokenizer"]["spec"] == "bpe:300"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["nope.txt"], "source 'nope.txt': no such file or folder"),
+    (["SRC", "--val-fraction", "2"], "val_fraction=2.0: must lie strictly between 0 and 1"),
+    (["SRC", "--tokenizer", "gpt2"], "tokenizer 'gpt2': unknown; use byte, bpe:VOCAB"),
+    (["SRC", "--tokenizer", "bpe:100"], "tokenizer 'bpe:100': VOCAB must be between 257"),
+    (["SRC/blob.bin"], "source '"),
+    (["SRC", "--out", "SRC/a.txt"], "is a file; pass a new or empty folder"),
+])
+def test_bad_input_exits_2_with_one_error_line(umv2, corpus, tmp_path, args, expected):
+    args = [a.replace("SRC", str(corpus)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    before = {p: p.read_bytes() for p in corpus.rglob("*") if p.is_file()}
+    code, out, err = umv2("data", "prepare", *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert {p: p.read_bytes() for p in corpus.rglob("*") if p.is_file()} == before
+
+
+def test_a_foreign_out_folder_exits_2_untouched(umv2, corpus, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("keep me")
+    code, _, err = umv2("data", "prepare", corpus, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "thesis.tex" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["thesis.tex"]
+
+
+def test_missing_out_is_a_usage_error(umv2, corpus):
+    code, _, err = umv2("data", "prepare", corpus)
+    assert code == 2 and "--out" in err

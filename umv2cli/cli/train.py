@@ -1,0 +1,88 @@
+"""`umv2 train`: one training run, with a progress bar; `--resume DIR` continues one."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train(
+    config: Annotated[Path | None, typer.Argument(
+        help="A run config (.toml/.json) with `model` (a preset name or a table of model fields), "
+             "`[train]` and `data`; or a model config file.", dir_okay=False)] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset (see `umv2 model presets`).")] = None,
+    data: Annotated[str | None, typer.Option(help="Prepared data directory, or \"builtin\".")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights and the data order.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    out: Annotated[Path | None, typer.Option(help="The run directory to create.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+) -> None:
+    """Train one model; results go to --out (spec.json, metrics.jsonl, eval.json, ckpt/, STATUS)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from umv2cli.errors import UserError
+    from umv2cli.train import RunFailed, read_run_spec, train as run_training
+
+    if (out is None) == (resume is None):
+        raise UserError("give exactly one of --out DIR (a new run) or --resume DIR (continue one)")
+    if resume is None:
+        spec = _run_spec(config, preset, data, {"steps": steps, "ckpt_every": ckpt_every,
+                                                "eval_every": eval_every, "seed": seed, "device": device})
+    elif any(v is not None for v in (config, preset, data, steps, ckpt_every, eval_every, seed, device)):
+        raise UserError("--resume DIR continues the run as its spec.json says; drop the other options")
+    else:
+        spec = read_run_spec(resume)
+    columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task("train", total=spec.train.steps, loss=float("nan"), tps=0.0)
+        try:
+            result = run_training(spec, out or resume, resume=resume is not None,
+                                  on_step=lambda m: progress.update(bar, completed=m["step"], loss=m["train_loss"],
+                                                                    tps=m["tokens_per_s"]))
+        except RunFailed as e:
+            typer.echo(f"failed: {e}", err=True)
+            raise typer.Exit(1) from None
+    final = result.final
+    typer.echo(f"{result.status}: step {result.step}, train_loss {final.get('train_loss', float('nan')):.4f}"
+               + (f", eval_loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""))
+    typer.echo(f"results in {result.out}/ (metrics.jsonl, eval.json, ckpt/, STATUS)")
+    if result.status != "done":
+        raise typer.Exit(3)  # stopped by a signal; resumable with --resume
+
+
+def _run_spec(config: Path | None, preset: str | None, data: str | None, train_overrides: dict):
+    from umv2cli.config import run_spec_from_dict
+    from umv2cli.errors import UserError
+
+    raw: dict = {}
+    if config is not None:
+        raw = _read_table(config)
+        if "model" not in raw and "train" not in raw:  # a plain model config file
+            raw = {"model": raw}
+    if preset is not None:
+        raw["model"] = preset
+    if "model" not in raw:
+        raise UserError("no model: give --preset NAME or a CONFIG file with a `model` entry")
+    if data is not None:
+        raw["data"] = data
+    raw["train"] = {**raw.get("train", {}), **{k: v for k, v in train_overrides.items() if v is not None}}
+    return run_spec_from_dict(raw, where=str(config or "options"))
+
+
+def _read_table(path: Path) -> dict:
+    import tomllib
+
+    from umv2cli.errors import UserError
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file; pass a .toml or .json run config")
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot parse ({str(e).splitlines()[0]}); fix the file's syntax") from None

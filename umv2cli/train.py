@@ -1,0 +1,311 @@
+"""One training run: the unit of work a sweep launches many times.
+
+`train(spec, out)` starts a run and `train(read_run_spec(out), out, resume=True)` continues one. A run
+directory holds:
+
+    spec.json      the full resolved `RunSpec` (written once, at the start)
+    metrics.jsonl  one JSON line per optimizer step; eval steps add their results to the line
+    eval.json      the final evaluation
+    ckpt/last.pt   model, optimizer, step (which is the data position) and every RNG state
+    STATUS         written last: "done", or "failed: <reason> at step <n>"
+
+Every file is written to a temporary name and renamed. The data order is a pure function of
+(seed, step) (`data.get_batch`) and the learning rate a pure function of the step, so a checkpoint
+needs no sampler or scheduler state, and a run killed at any moment and resumed from its last
+checkpoint ends exactly where an uninterrupted run would (bit for bit on CPU). SIGTERM, SIGUSR1
+and SIGUSR2 (Slurm's warning signals) make the loop checkpoint after the current step and stop.
+A NaN or Inf loss or gradient norm stops the run with STATUS "failed: …".
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umv2cli.config import RunSpec, TrainConfig, run_spec_from_dict
+from umv2cli.errors import UserError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class RunFailed(Exception):
+    """The run stopped and its STATUS says why (e.g. a non-finite loss)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    status: str
+    """"done", "stopped by SIGTERM at step n" (resumable) or "failed: … at step n"."""
+    step: int
+    final: dict
+    """The last metrics line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# schedules (pure functions of the step)
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based):
+    1) linear warmup over warmup·steps; 2) cosine to min_lr_ratio, or (WSD) constant then a linear
+    cooldown to min_lr_ratio over the last cooldown·steps."""
+    warmup = math.ceil(cfg.warmup * cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = cfg.steps - math.ceil(cfg.cooldown * cfg.steps)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start + 1) / max(1, cfg.steps - decay_start)
+    return 1 - (1 - cfg.min_lr_ratio) * progress
+
+
+def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Extra multiplier of the memory tables' lr: constant k, or k → 1 linearly over the run
+    (the official code's mem_value_lr_times with max_steps_rate 1; paper-notes §2.3)."""
+    if not cfg.value_lr_decay:
+        return cfg.value_lr_mult
+    return 1 + (cfg.value_lr_mult - 1) * max(0.0, 1 - step / cfg.steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# files of a run
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary name beside `path`, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def read_metrics(out: Path | str) -> list[dict]:
+    """The complete lines of metrics.jsonl (a line cut short by a kill is dropped)."""
+    path = Path(out) / "metrics.jsonl"
+    lines = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return lines
+
+
+def save_checkpoint(out: Path, model, optimizer, step: int) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    (out / "ckpt").mkdir(exist_ok=True)
+    tmp = out / "ckpt" / f".last.pt.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "ckpt" / "last.pt")
+
+
+def load_checkpoint(out: Path, model, optimizer) -> int:
+    state = torch.load(out / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state["step"]
+
+
+def configure_cpu() -> None:
+    """Threads from the CPUs this job was given (Slurm's allocation, else the affinity mask), and
+    denormal floats flushed to zero: early in training they made CPU steps 60× slower here."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    torch.set_num_threads(int(slurm) if slurm else len(os.sched_getaffinity(0)))
+    torch.set_flush_denormal(True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r}: no CUDA device here; use \"cpu\" or \"auto\"")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
+    """Validation loss on fixed batches, memory-task accuracies, and UltraMemV2 layer health."""
+    from umv2cli.data import get_batch
+    from umv2cli.evals import memory_task_accuracies
+    from umv2cli.model.ultramemv2 import UltraMemV2, selection_health
+
+    cfg, seq_len = spec.train, spec.train.seq_len or spec.model.seq_len
+    was_training = model.training
+    model.eval()
+    inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, []).append(args[0]))
+             for i, layer in enumerate(model.sparse) if isinstance(layer, UltraMemV2)]
+    losses = []
+    for index in range(cfg.eval_batches):
+        x, y = get_batch(data.val, cfg.batch_size, seq_len, seed=cfg.seed, index=index)
+        with autocast(device):
+            logits, _ = model(x.to(device))
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+    for hook in hooks:
+        hook.remove()
+    result = {"eval_loss": sum(losses) / len(losses)}
+    if inputs:
+        health = [selection_health(model.sparse[i], torch.cat(us).flatten(0, -2)) for i, us in inputs.items()]
+        result |= {f"memory_{k}": sum(h[k] for h in health) / len(health) for k in health[0]}
+    if cfg.task_samples:
+        accuracies = memory_task_accuracies(model, vocab_size=spec.model.vocab_size,
+                                            seq_len=min(seq_len, 128), seed=cfg.seed, n=cfg.task_samples)
+        result |= {f"task_{name}": acc for name, acc in accuracies.items()}
+    model.train(was_training)
+    return result
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: the memory tables (value-lr multiplier) and everything else.
+    Weight decay applies to every parameter, as in the official code (paper-notes §9.18)."""
+    tables = {id(t) for t in model.memory_tables()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in tables], "name": "dense"},
+        {"params": [p for p in model.parameters() if id(p) in tables], "name": "tables"},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer, step: int, cfg: TrainConfig) -> float:
+    lr = cfg.lr * lr_multiplier(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * (value_lr_multiplier(step, cfg) if group["name"] == "tables" else 1.0)
+    return lr
+
+
+def read_run_spec(out: Path) -> RunSpec:
+    """The spec of the run in `out`, from its spec.json."""
+    path = Path(out) / "spec.json"
+    if not path.exists():
+        raise UserError(f"--resume {out}: no spec.json there; start a run with --out {out}")
+    try:
+        return run_spec_from_dict(json.loads(path.read_text()), where=str(path))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON; the run directory is damaged") from None
+
+
+def create_run_dir(spec: RunSpec, out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: exists and is not empty; resume it with --resume {out} or pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2) + "\n")
+
+
+def train(spec: RunSpec, out: Path, *, resume: bool = False,
+          on_step: Callable[[dict], None] | None = None) -> RunResult:
+    """Run `spec` in a new directory `out`, or with `resume` continue the run there (pass
+    `read_run_spec(out)`). `on_step` sees every metrics line (for a progress bar)."""
+    from umv2cli.data import get_batch, open_data
+    from umv2cli.model.transformer import build_model
+
+    out = Path(out)
+    if not resume:
+        create_run_dir(spec, out)
+    elif (out / "STATUS").exists() and (out / "STATUS").read_text().strip() == "done":
+        metrics = read_metrics(out)
+        return RunResult(out, "done", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})
+    cfg, seq_len = spec.train, spec.train.seq_len or spec.model.seq_len
+    if seq_len > spec.model.seq_len:
+        raise UserError(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}")
+    data = open_data(spec.data)
+    if data.vocab_size > spec.model.vocab_size:
+        raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
+                        f"vocab_size={spec.model.vocab_size}; raise model.vocab_size")
+    configure_cpu()
+    device = resolve_device(cfg.device)
+    model = build_model(spec.model, seed=cfg.seed, device=device)
+    optimizer = build_optimizer(model, cfg)
+    step = load_checkpoint(out, model, optimizer) if resume and (out / "ckpt" / "last.pt").exists() else 0
+    metrics = [m for m in read_metrics(out) if m["step"] <= step] if resume else []
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    forward = torch.compile(model) if cfg.compile else model
+
+    stop: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in STOP_SIGNALS}
+    line = metrics[-1] if metrics else {}
+    log = (out / "metrics.jsonl").open("a")
+    try:
+        while step < cfg.steps and not stop:
+            t0 = time.perf_counter()
+            lr = set_lr(optimizer, step, cfg)
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train, cfg.batch_size, seq_len, seed=cfg.seed,
+                                 index=step * cfg.grad_accum + micro)
+                with autocast(device):
+                    logits, aux = forward(x.to(device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+                ((loss + aux) / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+                write_atomic(out / "STATUS", f"failed: non-finite {what} ({loss_sum:g}) at step {step + 1}\n")
+                raise RunFailed(f"{out}: non-finite {what} at step {step + 1}; STATUS says failed")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.refresh_rank1()
+            step += 1
+            tokens = cfg.batch_size * seq_len * cfg.grad_accum
+            line = {"step": step, "tokens": step * tokens, "lr": lr, "train_loss": loss_sum,
+                    "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                line |= evaluate(model, data, spec, device)
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            if on_step:
+                on_step(line)
+            if stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                save_checkpoint(out, model, optimizer, step)
+        if stop:
+            return RunResult(out, f"stopped by {signal.Signals(stop[0]).name} at step {step}", step, line)
+        evaluation = {k: v for k, v in line.items() if k not in ("tokens", "lr", "grad_norm", "tokens_per_s")}
+        write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
+        write_atomic(out / "STATUS", "done\n")
+        return RunResult(out, "done", step, line)
+    finally:
+        log.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
