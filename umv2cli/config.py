@@ -541,26 +541,33 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
     raise TypeError(f"unsupported config type {hint!r}")
 
 
-def load_config(spec: str) -> ModelConfig:
-    """A preset name, or a path to a TOML or JSON config file."""
+def read_table(path: "Path") -> dict[str, Any]:
+    """A TOML (or, by suffix, JSON) file's top-level table; one-line errors naming the file."""
     import json
     import tomllib
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file; pass a .toml or .json file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass a .toml or .json file")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot parse ({str(e).splitlines()[0]}); fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a table of fields at the top level")
+    return data
+
+
+def load_config(spec: str) -> ModelConfig:
+    """A preset name, or a path to a TOML or JSON config file."""
     from pathlib import Path
 
     from umv2cli.model.presets import PRESETS, get_preset
 
     if spec in PRESETS:
         return get_preset(spec)
-    path = Path(spec)
-    if not path.exists():
+    if not Path(spec).exists():
         raise UserError(f"{spec}: neither a preset nor a file; see `umv2 model presets` for preset names")
-    if path.is_dir():
-        raise UserError(f"{spec}: is a directory; pass a .toml or .json config file or a preset name")
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{spec}: cannot parse ({str(e).splitlines()[0]}); fix the file's syntax") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{spec}: expected a table of config fields at the top level")
-    return config_from_dict(data, where=str(spec))
+    return config_from_dict(read_table(Path(spec)), where=spec)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 
 from umv2cli.errors import UserError
+from umv2cli.files import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -369,26 +370,13 @@ def _read_json(path: Path) -> dict:
 def _write_outputs(out: Path, train: np.ndarray, val: np.ndarray, tok_json: bytes | None, meta: dict) -> None:
     """Each file to a temporary name, then renamed; meta.json last, then a stale tokenizer.json goes."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "train.bin", train.tofile)
-    _write_atomic(out / "val.bin", val.tofile)
+    write_atomic(out / "train.bin", train.tofile)
+    write_atomic(out / "val.bin", val.tofile)
     if tok_json is not None:
-        _write_atomic(out / "tokenizer.json", lambda f: f.write(tok_json))
-    _write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
+        write_atomic(out / "tokenizer.json", tok_json)
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     if tok_json is None:
         (out / "tokenizer.json").unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

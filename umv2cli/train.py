@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from umv2cli.config import RunSpec, TrainConfig, run_spec_from_dict
 from umv2cli.errors import UserError
+from umv2cli.files import write_atomic
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -84,13 +85,6 @@ def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
 # files of a run
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name beside `path`, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def read_metrics(out: Path | str) -> list[dict]:
     """The complete lines of metrics.jsonl (a line cut short by a kill is dropped)."""
     path = Path(out) / "metrics.jsonl"
@@ -116,9 +110,7 @@ def save_checkpoint(out: Path, model, optimizer, step: int) -> None:
         },
     }
     (out / "ckpt").mkdir(exist_ok=True)
-    tmp = out / "ckpt" / f".last.pt.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "ckpt" / "last.pt")
+    write_atomic(out / "ckpt" / "last.pt", lambda f: torch.save(state, f))
 
 
 def load_checkpoint(out: Path, model, optimizer) -> int:

@@ -1,6 +1,5 @@
 """`umv2 train`: one training run, with a progress bar; `--resume DIR` continues one."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -56,12 +55,12 @@ def train(
 
 
 def _run_spec(config: Path | None, preset: str | None, data: str | None, train_overrides: dict):
-    from umv2cli.config import run_spec_from_dict
+    from umv2cli.config import read_table, run_spec_from_dict
     from umv2cli.errors import UserError
 
     raw: dict = {}
     if config is not None:
-        raw = _read_table(config)
+        raw = read_table(config)
         if "model" not in raw and "train" not in raw:  # a plain model config file
             raw = {"model": raw}
     if preset is not None:
@@ -73,16 +72,3 @@ def _run_spec(config: Path | None, preset: str | None, data: str | None, train_o
     raw["train"] = {**raw.get("train", {}), **{k: v for k, v in train_overrides.items() if v is not None}}
     return run_spec_from_dict(raw, where=str(config or "options"))
 
-
-def _read_table(path: Path) -> dict:
-    import tomllib
-
-    from umv2cli.errors import UserError
-
-    if not path.exists():
-        raise UserError(f"{path}: no such file; pass a .toml or .json run config")
-    try:
-        text = path.read_text()
-        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot parse ({str(e).splitlines()[0]}); fix the file's syntax") from None
