@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 demo: $(BIN)/umv2
 	$(BIN)/umv2 model presets
 	$(BIN)/umv2 model info ultramemv2-227m
+	rm -rf out/demo-run
+	$(BIN)/umv2 train --preset tiny-ultramemv2 --data builtin --steps 60 --ckpt-every 10 --out out/demo-run
 
 test: $(BIN)/umv2
 	$(BIN)/python -m pytest tests

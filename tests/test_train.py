@@ -161,3 +161,15 @@ def test_out_dir_that_holds_a_run_is_not_overwritten(tmp_path):
     run = umv2("train", "--preset", "tiny-dense", "--out", str(tmp_path / "r"))
     assert run.wait(timeout=60) == 2 and "--resume" in run.stderr.read()
     assert (tmp_path / "r" / "keep.txt").read_text() == "mine"
+
+
+def test_the_demo_run_finishes_in_under_two_minutes_and_says_where_its_results_are(tmp_path):
+    start = time.time()
+    run = subprocess.run([sys.executable, "-m", "umv2cli", "train", "--preset", "tiny-ultramemv2", "--data",
+                          "builtin", "--steps", "60", "--ckpt-every", "10", "--out", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert time.time() - start < 120
+    assert f"results in {tmp_path / 'demo'}" in run.stdout
+    assert (tmp_path / "demo" / "STATUS").read_text() == "done\n"
+    assert read_metrics(tmp_path / "demo")[-1]["train_loss"] < read_metrics(tmp_path / "demo")[0]["train_loss"] - 1
