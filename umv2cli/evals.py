@@ -52,7 +52,8 @@ from umv2cli.errors import UserError
 PAD, BOS, SEP, ROUND = 0, 1, 2, 3
 N_MARKERS = 8
 """Ids 0..7 are markers (4..7 unused, kept free); content ids start at 8."""
-MIN_VOCAB = 64
+MIN_VOCAB = 12
+"""Smallest vocab_size: two keys and two values. Tests use small ones; any model has ≥ 64."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,13 +119,13 @@ def recall_pairs(seq_len: int, vocab_size: int) -> int:
 
 
 def multi_round_sizes(seq_len: int, vocab_size: int) -> tuple[int, int, int]:
-    """(P keys, M re-bound per round, R rounds) of `multi_round_recall`:
-    BOS + (ROUND + 2P) + (R-1)·(ROUND + 2M) + SEP + 2P queries ≤ seq_len."""
+    """(P keys, M re-bound per round, R rounds) of `multi_round_recall`: BOS, then round 1
+    (ROUND + 2P bindings + SEP + 2P queries), then R - 1 rounds (ROUND + 2M + SEP + 2P) ≤ seq_len."""
     keys_K, _ = _alphabets(vocab_size)
-    p = max(2, min(seq_len // 16, len(keys_K)))
+    p = max(2, min(seq_len // 32, len(keys_K)))
     m = p // 2
-    fixed = 1 + (1 + 2 * p) + 1 + 2 * p
-    return p, m, 1 + max(0, seq_len - fixed) // (1 + 2 * m)
+    first = 1 + (2 + 2 * p + 2 * p)
+    return p, m, 1 + max(0, seq_len - first) // (2 + 2 * m + 2 * p)
 
 
 def mapping_sizes(seq_len: int, vocab_size: int) -> tuple[int, int]:
@@ -144,34 +145,40 @@ def associative_recall(n: int, seq_len: int, vocab_size: int, seed: int) -> tupl
     g = torch.Generator().manual_seed(seed)
     keys_K, values_W = _alphabets(vocab_size)
     p = recall_pairs(seq_len, vocab_size)
-    k_NP = keys_K[_perms(g, n, len(keys_K))[:, :p]]      # distinct keys
-    v_NP = values_W[_perms(g, n, len(values_W))[:, :p]]  # distinct values
-    order_NP = _perms(g, n, p)
+    k_NP = keys_K[_perms(g, n, len(keys_K))[:, :p]]              # distinct keys
+    v_NP = values_W[torch.randint(len(values_W), (n, p), generator=g)]
+    q_NP = torch.randint(p, (n, p), generator=g)  # queried pair, with replacement: no elimination
     rows_NL = torch.cat([_marker(n, BOS), _interleave(k_NP, v_NP), _marker(n, SEP),
-                         _interleave(k_NP.gather(1, order_NP), v_NP.gather(1, order_NP))], dim=1)
+                         _interleave(k_NP.gather(1, q_NP), v_NP.gather(1, q_NP))], dim=1)
     return _pad(rows_NL, _key_positions(n, rows_NL.shape[1], 2 + 2 * p, p), seq_len)
 
 
 def multi_round_recall(n: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-round memorization: keys re-bound over rounds; the answer is each key's LATEST value."""
-    _check("multi_round_recall", n, seq_len, vocab_size, min_seq_len=14)  # P = 2, two rounds
+    """Multi-round memorization: keys re-bound round after round; each round's queries ask for
+    the LATEST binding of any key."""
+    _check("multi_round_recall", n, seq_len, vocab_size, min_seq_len=18)  # P = 2, two rounds
     g = torch.Generator().manual_seed(seed)
     keys_K, values_W = _alphabets(vocab_size)
     p, m, rounds = multi_round_sizes(seq_len, vocab_size)
     k_NP = keys_K[_perms(g, n, len(keys_K))[:, :p]]
-    bound_NP = torch.randint(len(values_W), (n, p), generator=g)  # value index of each key's latest binding
-    parts = [_marker(n, BOS), _marker(n, ROUND), _interleave(k_NP, values_W[bound_NP])]
-    for _ in range(rounds - 1):
-        slot_NM = _perms(g, n, p)[:, :m]  # which keys this round re-binds
-        old_NM = bound_NP.gather(1, slot_NM)
-        new_NM = torch.randint(len(values_W) - 1, (n, m), generator=g)
-        new_NM = new_NM + (new_NM >= old_NM).long()  # uniform over the values other than the old one
-        bound_NP = bound_NP.scatter(1, slot_NM, new_NM)
-        parts += [_marker(n, ROUND), _interleave(k_NP.gather(1, slot_NM), values_W[new_NM])]
-    order_NP = _perms(g, n, p)
-    parts += [_marker(n, SEP), _interleave(k_NP.gather(1, order_NP), values_W[bound_NP.gather(1, order_NP)])]
-    rows_NL = torch.cat(parts, dim=1)
-    return _pad(rows_NL, _key_positions(n, rows_NL.shape[1], rows_NL.shape[1] - 2 * p, p), seq_len)
+    bound_NP = torch.zeros(n, p, dtype=torch.long)  # value index of each key's latest binding
+    rows, graded = [_marker(n, BOS)], [torch.zeros(n, 1, dtype=torch.bool)]
+    for r in range(rounds):
+        if r == 0:  # round 1 binds every key
+            slot_NS = _perms(g, n, p)
+            new_NS = torch.randint(len(values_W), (n, p), generator=g)
+        else:  # later rounds re-bind m of them, each to a value other than its current one
+            slot_NS = _perms(g, n, p)[:, :m]
+            new_NS = torch.randint(len(values_W) - 1, (n, m), generator=g)
+            new_NS = new_NS + (new_NS >= bound_NP.gather(1, slot_NS)).long()
+        bound_NP = bound_NP.scatter(1, slot_NS, new_NS)
+        q_NP = torch.randint(p, (n, p), generator=g)  # queried keys, with replacement
+        rows += [_marker(n, ROUND), _interleave(k_NP.gather(1, slot_NS), values_W[new_NS]),
+                 _marker(n, SEP), _interleave(k_NP.gather(1, q_NP), values_W[bound_NP.gather(1, q_NP)])]
+        bindings = 2 + 2 * slot_NS.shape[1]  # ROUND, pairs, SEP
+        graded.append(_key_positions(n, bindings + 2 * p, bindings, p))
+    rows_NL = torch.cat(rows, dim=1)
+    return _pad(rows_NL, torch.cat(graded, dim=1), seq_len)
 
 
 def in_context_mapping(n: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,3 +257,4 @@ def memory_task_accuracies(model: nn.Module, *, vocab_size: int, seq_len: int, s
     """`task_accuracy` of every task in `TASKS` (what the trainer logs at eval steps)."""
     return {task: task_accuracy(model, task, n=n, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
             for task in TASKS}
+

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from umv2cli.cli import bench, data, model, train
+from umv2cli.cli import bench, data, model, sweep, train
 from umv2cli.errors import UserError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
+app.add_typer(sweep.app, name="sweep")
 app.command(name="train")(train.train)
 app.add_typer(bench.app, name="bench")
 

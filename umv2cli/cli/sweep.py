@@ -1,0 +1,40 @@
+"""`umv2 sweep …`: a recipe's runs: plan them (launching arrives with the sweep issue)."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Grids of runs from a recipe.", no_args_is_help=True)
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="A recipe .toml (see recipes/ and the README).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
+    mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
+) -> None:
+    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each."""
+    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.recipe import load_recipe
+
+    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from umv2cli.cli.model import _count
+
+    axes = [k for k in rows[0] if k.startswith("grid.")]
+    table = Table("run", "seed", *[a.removeprefix("grid.") for a in axes], "kind", "P", "m", "m/N", "activated",
+                  "FLOPs/tok", "tokens", "Δ match", "GPU-h", title=f"{recipe} ({len(rows)} runs)")
+    for r in rows:
+        table.add_row(r["run_id"], str(r["seed"]), *[str(r[a]) for a in axes], r["kind"], _count(r["sparse_params"]),
+                      str(r["topm"]), f"{r['density']:.2e}", _count(r["activated_params"]),
+                      _count(r["flops_per_token"]), _count(r["tokens"]), f"{100 * r['match_residual']:+.2f}%",
+                      f"{r['gpu_hours']:.3g}")
+    Console().print(table)
+    typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100")
