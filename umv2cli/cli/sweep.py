@@ -1,4 +1,4 @@
-"""`umv2 sweep …`: a recipe's runs: plan them (launching arrives with the sweep issue)."""
+"""`umv2 sweep plan|run|status`: a recipe's grid of runs, planned, launched and followed."""
 
 import json
 from pathlib import Path
@@ -38,3 +38,41 @@ def plan(
                       f"{r['gpu_hours']:.3g}")
     Console().print(table)
     typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100")
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A recipe .toml.")],
+    out: Annotated[Path, typer.Option(help="Sweeps go to OUT/<recipe name>/.")] = Path("out"),
+    executor: Annotated[str, typer.Option(help="Where runs execute: local (a pool of workers here).")] = "local",
+    workers: Annotated[int | None, typer.Option(min=1, help="Local workers (default: one per CPU).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
+) -> None:
+    """Launch every run of RECIPE that is not done yet; finished runs are never run twice."""
+    from umv2cli.sweeps.launch import launch
+
+    sweep, results = launch(recipe, out, executor=executor, workers=workers, retry_failed=retry_failed,
+                            on_done=lambda run_id, status: typer.echo(f"{run_id}: {status}"))
+    failed = sum(not s.startswith("done") for s in results.values())
+    typer.echo(f"launched {len(results)} runs ({failed} not done); sweep in {sweep}/")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    sweep: Annotated[Path, typer.Argument(help="A sweep directory (OUT/<recipe name>).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Counts of done, failed, running and pending runs, failures with reasons, progress and ETA."""
+    from umv2cli.sweeps.ledger import sweep_status
+
+    state = sweep_status(sweep)
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    eta = "" if state["eta_s"] is None else f", ETA {state['eta_s'] / 60:.1f} min"
+    typer.echo(f"{state['total']} runs: {state['done']} done, {state['failed']} failed, {state['running']} running, "
+               f"{state['pending']} pending ({100 * state['progress']:.0f}% of steps{eta})")
+    for failure in state["failures"]:
+        typer.echo(f"  failed {failure['run_id']}: {failure['reason']}")
