@@ -59,8 +59,8 @@ import triton.language as tl  # noqa: E402
 
 from umv2cli.kernels.value_grad import value_grad  # noqa: E402
 
-_SQRT1_2 = 0.7071067811865476  # 1/√2
-_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/√2 (constexpr: jit code reads no plain globals)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Project-wide test settings.
 
-`umv2` runs the CLI in this process through its real entry point. Under CI (CI=true) a skipped
+`umv2` runs the CLI in this process through its real entry point. Without CUDA, Triton kernels run
+under its interpreter (TRITON_INTERPRET=1, set before anything imports triton). Under CI (CI=true) a skipped
 test is a failure: tests that need Slurm or Chromium skip on a
 developer's machine without them, but CI installs both and must run them.
 """
@@ -9,6 +10,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under its interpreter here. The switch must be on before `triton` itself is
+    # imported (triton.language's own jit functions are bound then), so it lives in the root conftest.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.hookimpl(hookwrapper=True)

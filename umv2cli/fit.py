@@ -173,9 +173,9 @@ def check_form(runs: Runs, form: str) -> None:
                         f"{levels['D']}; use --form loglinear, or add runs at a second size and token budget")
     if form == "chinchilla":
         need = 6 if levels["D"] > 1 else 4
-        if levels["N"] < 3 or n_cfg < need:
-            raise UserError(f"{where} needs ≥ 3 values of activated_params and ≥ {need} configurations; got "
-                            f"{levels['N']} and {n_cfg}; add model sizes")
+        if levels["N"] < 3 or len(sp.loss) < need:
+            raise UserError(f"{where} needs ≥ 3 values of activated_params and ≥ {need} rows; got "
+                            f"{levels['N']} and {len(sp.loss)}; add model sizes")
     if form == "leverage":
         ladder = runs.subset(runs.dense) if runs.dense.any() else None
         if ladder is None or len(np.unique(ladder.N)) < 3:
@@ -310,7 +310,7 @@ def _refit_chunk(runs: Runs, form: str, centre: tuple, W: np.ndarray, start) -> 
             f = fit_form(runs, form, centre, w, start)
             eP, em = elasticities(form, f, centre)
             vals = [np.nan if eP is None else eP, np.nan if em is None else em, *f.params.values()]
-            out.append(vals if np.all(np.isfinite(vals)) else [np.nan] * len(vals))
+            out.append(vals if np.all(np.isfinite(vals[2:])) and f.converged else [np.nan] * len(vals))
         except (np.linalg.LinAlgError, ValueError):
             out.append(None)
     width = max(len(o) for o in out if o is not None) if any(o is not None for o in out) else 2
@@ -457,7 +457,7 @@ def run_fit(path: Path | str | Runs, form: str = "loglinear", n_boot: int = 2000
     fit = fit_form(data, form, centre)
     eP, em = elasticities(form, fit, centre)
     boot = bootstrap(data, form, fit, centre, n_boot, seed, workers)
-    ok = np.all(np.isfinite(boot), axis=1) if boot.size else np.zeros(0, bool)
+    ok = np.all(np.isfinite(boot[:, 2:]), axis=1)  # e_P, e_m are NaN for chinchilla
     names = list(fit.params)
     params_ci = {k: percentile_ci(boot[ok, 2 + i]) for i, k in enumerate(names)} if boot.shape[1] > 2 else {}
     R = em / eP if eP not in (None, 0) else None

@@ -165,7 +165,7 @@ def _polish(feats, spec, y, w, starts, bounds) -> tuple[np.ndarray, float, bool,
     """L-BFGS-B from each start; the best result, its convergence and every start's objective."""
     results = [minimize(_lse_objective, np.clip(s, *np.array(bounds).T), args=(feats, spec, y, w), jac=True,
                         method="L-BFGS-B", bounds=bounds,
-                        options={"maxiter": 5000, "ftol": 1e-14, "gtol": 1e-9}) for s in starts]
+                        options={"maxiter": 1000, "ftol": 1e-10, "gtol": 1e-6}) for s in starts]
     best = min(results, key=lambda r: r.fun)
     return best.x, float(best.fun * DELTA), bool(best.success), str(best.message), \
         tuple(sorted(float(r.fun * DELTA) for r in results))
@@ -209,9 +209,9 @@ def fit_chinchilla(lN, lD, y, w=None, start=None) -> LawFit:
     feats = np.stack([lN, lD if with_D else np.zeros_like(lN)], axis=1)
     bounds = [(-10.0, float(np.min(y[w > 0]))), *[(-20.0, 80.0)] * (n_coef - 1), *[(0.0, 3.0)] * (n_coef - 1)]
     if start is None:
-        grid = np.linspace(0.05, 1.5, 30)
+        grid = np.linspace(0.05, 1.5, 15)
         exp_grid = [(a, b) for a in grid for b in grid] if with_D else [(a,) for a in grid]
-        starts = _vp_starts(feats, spec, n_coef, exp_grid, y, w, 8, 2 * n_coef - 1)
+        starts = _vp_starts(feats, spec, n_coef, exp_grid, y, w, 4, 2 * n_coef - 1)
     else:
         starts = [start]
     theta, obj, ok, msg, objs = _polish(feats, spec, y, w, starts, bounds)

@@ -1,30 +1,20 @@
 """The Triton value lookup (kernels/lookup.py K2/K3, kernels/value_grad.py K4) against the reference.
 
-On a machine without CUDA the kernels run under Triton's interpreter, which must be switched on
-before any @triton.jit decorator runs; sizes are tiny because it is 10³-10⁴× slower. With CUDA the
+On a machine without CUDA the kernels run under Triton's interpreter, which tests/conftest.py switches
+on before triton is imported; sizes are tiny because it is 10³-10⁴× slower. With CUDA the
 same tests run the compiled kernels on the GPU.
 """
 
-import importlib
 import os
 
 import pytest
 import torch
 
+from umv2cli.kernels import lookup, value_grad
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # The interpreter is chosen when @triton.jit runs, so TRITON_INTERPRET=1 must be set before the
-    # kernel modules are imported. This stays set for the rest of the pytest process (harmless:
-    # without a GPU nothing else can launch a Triton kernel anyway).
-    os.environ["TRITON_INTERPRET"] = "1"
 
-from umv2cli.kernels import lookup, value_grad  # noqa: E402
 
-if DEVICE == "cpu" and type(lookup._mem_fwd_kernel).__name__ != "InterpretedFunction":
-    # An earlier test module (test_lookup.py, the model tests) imported the kernels before the
-    # interpreter was on: define them again, now interpreted.
-    value_grad = importlib.reload(value_grad)
-    lookup = importlib.reload(lookup)
 
 # relative L2 error against an fp64 reference on the same (rounded) inputs, per input dtype
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
