@@ -1,48 +1,59 @@
 """Memory-intensive synthetic tasks: open stand-ins for the paper's long-context suite.
 
-The paper's suite (paper-notes §6.1, [V2] Tables 2 and 9) is proprietary; UltraMemV2's largest gains
-over MoE are on long-context memorization (+1.6), multi-round memorization (+6.2) and in-context
-learning (+7.9). Each task below is a pure function of (n, seq_len, vocab_size, seed) returning
-`(tokens_NT, answer_NT)`: int64 token ids and a bool mask of the positions t whose NEXT token
-tokens[t + 1] is graded. The metric (`task_accuracy`) is greedy argmax accuracy over the whole
-vocabulary at those positions.
+The paper's suite (paper-notes §6.1; [V2] Tables 2 and 9) is proprietary. Its three memory columns
+are where UltraMemV2 gains most over MoE: long-context memorization (+1.6), multi-round memorization
+(+6.2) and in-context learning (+7.9). Each task below is a pure function of (n, seq_len,
+vocab_size, seed) that returns `(tokens_NT, answer_NT)`. `tokens_NT` holds int64 token ids.
+`answer_NT` is a bool mask of the positions t whose NEXT token, tokens[t + 1], is graded. The
+metric, `task_accuracy`, is greedy argmax accuracy over the whole vocabulary at those positions.
 
-Token ids. 0..7 are reserved markers, the same for every vocab_size ≥ 64: PAD 0 (after the
-end, never graded), BOS 1 (position 0 of every sequence), SEP 2 (opens the query section), ROUND 3
-(opens a binding round); 4..7 are unused. Content ids 8..vocab_size-1 split into a key half
-(8 .. 8 + (V-8)//2 - 1) and a value half (the rest); answers are always value ids, the token
-before an answer always a key id, so copying the input never scores. Below, k·/x· are key ids,
-v·/y· value ids, and [·] marks a graded position (its next token is the answer).
+Token ids. Ids 0..7 are markers, the same for every vocab_size:
+- PAD 0 pads the tail and is never graded.
+- BOS 1 sits at position 0.
+- SEP 2 opens a query section.
+- ROUND 3 opens a round of bindings.
+- 4..7 are unused.
+The content ids 8..V-1 split into two halves: keys (8 .. 8 + (V-8)//2 - 1) and values (the rest).
+A graded position always holds a key and its answer is always a value, so copying the current token
+never scores. Any vocab_size ≥ 12 works; a model's vocabulary (≥ 64) gives the full alphabets, and
+the tests use small ones to train quickly. In the examples below, k and x are key ids, v and y are
+value ids, and [·] marks a graded position.
 
-1. `associative_recall`: long-context memorization. Multi-query associative recall (MQAR, Arora
-   et al. 2023, "Zoology"). P distinct keys bound to P distinct values, then SEP and every key once
-   more in a random order; the answer is its value.
-       BOS k1 v1 k2 v2 k3 v3 SEP [k2] v2 [k3] v3 [k1] v1 PAD…
-   P = min((seq_len - 2) // 4, #keys). Chance: 1 / #values (a guess over the value half).
-2. `multi_round_recall`: multi-round memorization. A set of P keys is bound in round 1, then each
-   later round re-binds a random half of them (m = P // 2) to a NEW value; after the rounds every key
-   is queried once and the answer is its LATEST binding (which may be any round's, so position alone
-   does not give it away).
-       BOS ROUND k1 v1 k2 v2 ROUND k2 v3 ROUND k1 v4 SEP [k2] v3 [k1] v4 PAD…
-   P = clamp(seq_len // 16, 2, #keys); the rounds fill the context (about ten at any seq_len).
-   Chance: 1 / #values. A model that returns the first binding instead of the latest scores about
-   1 / (number of bindings of the key), so below 0.5 once most keys are re-bound.
-3. `in_context_mapping`: in-context learning. Few-shot symbol mapping with a fresh random bijection
-   f per sequence from a small input alphabet X (the first A key ids) onto an output alphabet Y (the
-   first A value ids). The sequence is a stream of E = (seq_len - 1) // 2 demonstrations "x f(x)" with
-   x uniform over X; a demonstration is graded when its x was shown before, so f(x) is inferable
-   only from the context, never from training.
+1. `associative_recall` stands in for long-context memorization. It is multi-query associative
+   recall (MQAR; Arora et al. 2023, "Zoology"). P distinct keys are bound to values, then SEP, then
+   P queries; the answer to a query is the value bound to its key.
+       BOS k1 v1 k2 v2 k3 v3 SEP [k2] v2 [k3] v3 [k2] v2 PAD…
+   P = min((seq_len - 2) // 4, #keys). Values are drawn with replacement and queries with
+   replacement. If every key were queried once, a model could score H(P)/P by never repeating an
+   answer; a tiny model does learn that shortcut and then stalls there.
+   Chance: 1 / #values. A model that guesses some value from the context scores about 1 / P.
+2. `multi_round_recall` stands in for multi-round memorization. Round 1 binds P keys. Each later
+   round re-binds m = P // 2 of them, each to a NEW value. Every round ends with SEP and P queries
+   (with replacement) over all P keys, and the answer is the key's LATEST binding. That binding may
+   come from any earlier round or from an earlier query's answer.
+       BOS ROUND k1 v1 k2 v2 SEP [k2] v2 [k1] v1 ROUND k2 v3 SEP [k2] v3 [k1] v1 ROUND k1 v4 SEP …
+   P = clamp(seq_len // 32, 2, #keys). Rounds fill the context: 3 at seq_len 32, 8 at 128, 10 at
+   4096. Queries after every round make the early rounds an easier curriculum. With queries only at
+   the end, a tiny model stalled at the "last round's value" shortcut.
+   Chance: 1 / #values. Returning the first binding fails on most queries after round 1.
+3. `in_context_mapping` stands in for in-context learning. It is few-shot symbol mapping. Each
+   sequence draws a fresh random bijection f from a small input alphabet X (the first A key ids)
+   onto an output alphabet Y (the first A value ids). The sequence is a stream of
+   E = (seq_len - 1) // 2 demonstrations "x f(x)", each x uniform over X. A demonstration is graded
+   when its x has been shown before, so f(x) can be inferred from the context and never from
+   training.
        BOS x1 y3 x2 y1 [x1] y3 x3 y2 [x2] y1 …
-   A = clamp(E // 4, 2, #keys) (each symbol is shown about four times). Chance: 1 / A (a guess
-   over Y; the mapping changes with every sequence).
+   A = clamp(E // 4, 2, #keys), so each symbol is shown about four times.
+   Chance: 1 / A, a guess over Y; the mapping changes with every sequence.
 
-Chances use the answer alphabet of the task; `chance_accuracy` returns them.
+`chance_accuracy` returns these chance levels: a uniform guess over the task's answer alphabet.
 """
 
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from umv2cli.errors import UserError
 
@@ -53,7 +64,7 @@ PAD, BOS, SEP, ROUND = 0, 1, 2, 3
 N_MARKERS = 8
 """Ids 0..7 are markers (4..7 unused, kept free); content ids start at 8."""
 MIN_VOCAB = 12
-"""Smallest vocab_size: two keys and two values. Tests use small ones; any model has ≥ 64."""
+"""Smallest vocab_size: two keys and two values after the 8 markers."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +200,7 @@ def in_context_mapping(n: int, seq_len: int, vocab_size: int, seed: int) -> tupl
     e, a = mapping_sizes(seq_len, vocab_size)
     f_NA = values_W[:a][_perms(g, n, a)]         # f(X[i]) = f_NA[:, i]
     i_NE = torch.randint(a, (n, e), generator=g)  # input symbol index of each demonstration
-    seen_NEA = torch.nn.functional.one_hot(i_NE, a).cumsum(dim=1) > 1  # shown before, counting itself
+    seen_NEA = F.one_hot(i_NE, a).cumsum(dim=1) > 1  # shown before, counting itself
     repeat_NE = seen_NEA.gather(2, i_NE[:, :, None])[:, :, 0]
     rows_NL = torch.cat([_marker(n, BOS), _interleave(keys_K[:a][i_NE], f_NA.gather(1, i_NE))], dim=1)
     graded_NL = torch.zeros_like(rows_NL, dtype=torch.bool)
@@ -204,6 +215,12 @@ TASKS: dict[str, Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor
 }
 
 
+def _task(task: str) -> Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]:
+    if task not in TASKS:
+        raise UserError(f"task {task!r}: unknown; one of {', '.join(TASKS)}")
+    return TASKS[task]
+
+
 def chance_accuracy(task: str, vocab_size: int, seq_len: int) -> float:
     """Accuracy of a uniform guess over the task's answer alphabet (module docstring)."""
     _task(task)
@@ -214,12 +231,6 @@ def chance_accuracy(task: str, vocab_size: int, seq_len: int) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # accuracy
-
-
-def _task(task: str) -> Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]:
-    if task not in TASKS:
-        raise UserError(f"task {task!r}: unknown; one of {', '.join(TASKS)}")
-    return TASKS[task]
 
 
 def graded_hits(model: nn.Module, tokens_NT: torch.Tensor, answer_NT: torch.Tensor,
@@ -241,6 +252,10 @@ def task_accuracy(model: nn.Module, task: str, *, n: int, seq_len: int, vocab_si
                   batch_size: int = 32) -> float:
     """Greedy accuracy of `model` on n fresh sequences of `task`, in eval mode and without grad;
     the model's mode is restored afterwards."""
+    cfg = getattr(model, "cfg", None)  # a `Transformer`'s ModelConfig; other modules are not checked
+    if cfg is not None and (vocab_size > cfg.vocab_size or seq_len > cfg.seq_len):
+        raise UserError(f"{task}: vocab_size={vocab_size}, seq_len={seq_len} exceed the model's "
+                        f"{cfg.vocab_size}, {cfg.seq_len}; pass at most those")
     tokens_NT, answer_NT = _task(task)(n, seq_len, vocab_size, seed)
     was_training = model.training
     model.eval()
