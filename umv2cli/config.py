@@ -88,6 +88,9 @@ class UltraMemV2Config:
     (paper-notes §9.3). False: per-side, per-rank queries as the paper states."""
     pre_value_act: Literal["none", "gelu"] = "none"
     """Activation on the pre-value neuron z (eq. 15: none; the code's mem_use_glu_act: GELU)."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """The value lookup (steps 8-9) by the Triton kernels of `umv2cli.kernels` or the plain-PyTorch
+    reference; "auto" = Triton on CUDA, the reference on CPU. Both train the same model."""
     placement: str = "all"
     replace_ffn: bool = False
 

@@ -159,3 +159,62 @@ def test_official_init_uses_the_code_constants():
     torch.testing.assert_close(layer.g_q_D, torch.full((4,), 4**-0.4))
     assert 0.01 < pool.std().item() < 0.03  # N(0, 0.02²)
     assert 0 <= layer.cores_CRR.min() and layer.cores_CRR.max() <= 1  # U(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels = "triton" | "torch": the whole model trains the same either way (on CPU the Triton
+# kernels run under the interpreter, which tests/conftest.py switches on)
+
+
+def tiny_model_logits_and_grads(kernels: str, sparse: UltraMemV2Config):
+    from umv2cli.config import ModelConfig
+    from umv2cli.model.transformer import build_model
+
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, ffn_hidden=32, vocab_size=64, seq_len=8,
+                      sparse=dataclasses.replace(sparse, kernels=kernels))
+    model = build_model(cfg, seed=0)
+    idx = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    logits, _ = model(idx)
+    F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["paper defaults", "gelu neuron", "no pre-values"])
+def test_triton_kernels_give_the_same_logits_and_gradients_as_torch(name):
+    sparse = VARIANTS.get(name) or dataclasses.replace(TINY, dp=0)
+    logits, grads = tiny_model_logits_and_grads("triton", sparse)
+    ref_logits, ref_grads = tiny_model_logits_and_grads("torch", sparse)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and "memory_pool" in grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_triton_lookup_under_bf16_autocast_returns_the_reference_dtype():
+    (layer,), _ = make_layers(TINY, dtype=torch.float32)
+    u = torch.randn(1, 5, 8)
+    outputs = []
+    for kernels in ("triton", "torch"):
+        layer.cfg = dataclasses.replace(TINY, kernels=kernels)
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p_BM, scores_BMC = layer.select(u[0])
+            o_BV = layer.lookup(layer.w_pre(u[0]), p_BM, scores_BMC)
+        o_BV.float().sum().backward()
+        outputs.append((o_BV, layer.pool_TD.grad.clone(), layer.w_pre.weight.grad.clone()))
+    (o, d_pool, d_pre), (o_ref, d_pool_ref, d_pre_ref) = outputs
+    assert o.dtype == o_ref.dtype == torch.bfloat16
+    assert d_pool.dtype == torch.float32
+    # the reference rounds its einsums to bf16, the kernels accumulate in fp32
+    torch.testing.assert_close(o.float(), o_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(d_pool, d_pool_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(d_pre, d_pre_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernels,autograd_node", [
+    ("triton", "MemoryLookupBackward"), ("torch", "ViewBackward0"), ("auto", "ViewBackward0")])
+def test_kernels_switch_picks_the_lookup(kernels, autograd_node):
+    (layer,), _ = make_layers(dataclasses.replace(TINY, kernels=kernels), dtype=torch.float32)
+    u_BH = torch.randn(3, 8)
+    o_BV = layer.lookup(layer.w_pre(u_BH), *layer.select(u_BH))
+    assert o_BV.grad_fn.name() == autograd_node  # "auto" on CPU: the reference

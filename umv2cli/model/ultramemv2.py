@@ -16,7 +16,8 @@ The forward follows paper-notes §1.3:
     10  one output projection W_o (eq. 12/15)
 
 Steps 4-6 are `select_topm_reference` (kernels/tdqkr.py) and steps 8-9 `memory_lookup_reference`
-(kernels/lookup.py), so this file plus those two references is the whole math.
+(kernels/lookup.py), so this file plus those two references is the whole math. `cfg.kernels`
+swaps in the Triton lookup (kernels/lookup.py), which equals the reference.
 
 Value pool. All UltraMemV2 layers of a model read one parameter `pool` of L_m·n² rows, each row
 ``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²). With ring
@@ -41,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from umv2cli.config import UltraMemV2Config
-from umv2cli.kernels.lookup import memory_lookup_reference
+from umv2cli.kernels.lookup import memory_lookup
 from umv2cli.kernels.tdqkr import rank1_vectors, select_topm_reference
 from umv2cli.model.costs import LayerCosts
 from umv2cli.model.init import InitContext, normal_
@@ -85,10 +86,18 @@ class UltraMemV2(nn.Module):
         u_BH = u.reshape(-1, u.shape[-1])
         p_BM, scores_BMC = self.select(u_BH)  # steps 1-7
         x_p_BP = self.w_pre(u_BH) if self.w_pre is not None else u_BH.new_zeros(u_BH.shape[0], 0)
-        o_BV = memory_lookup_reference(  # steps 8-9
-            x_p_BP, self.pool_TD, p_BM, scores_BMC, self.cfg.pre_value_act)
+        o_BV = self.lookup(x_p_BP, p_BM, scores_BMC)  # steps 8-9
         y_BH = self.w_o(o_BV)  # step 10 (eq. 12/15)
         return y_BH.view(u.shape), u.new_zeros(())
+
+    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor) -> torch.Tensor:
+        """Steps 8-9 by `cfg.kernels` → o [B, D_v]. The Triton kernels take one dtype, so x_p and the
+        scores (bf16 under autocast) join the pool's (fp32) and o returns in the scores' dtype, the
+        one the reference's einsums give under autocast; without autocast both casts are no-ops."""
+        dtype = self.pool_TD.dtype
+        o_BV = memory_lookup(x_p_BP.to(dtype), self.pool_TD, p_BM, scores_BMC.to(dtype),
+                             self.cfg.pre_value_act, impl=self.cfg.kernels)
+        return o_BV.to(scores_BMC.dtype)
 
     def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-7: the m pool rows each token reads [B, m] and their per-core scores [B, m, C]."""
