@@ -48,15 +48,16 @@ def memory_lookup_reference(
 # ------------------------------------------------------------------------------------------------
 # Triton kernels (code-anchors "Implications": K2 mem_fwd, K3 mem_bwd_tokens; K4 in value_grad.py).
 # Names follow the math above: h_j = <P[p_j], x_p> (pre-activation), z_j = act(h_j), dw_{j,c} =
-# <V[p_j, chunk c], do[chunk c]>. One program per token; rows are addressed in int64
-# (T·(D_p + D_v) can exceed 2³¹); everything accumulates in fp32 (no tl.dot, so bf16 is exact
-# under the interpreter too).
+# <V[p_j, chunk c], do[chunk c]>. One program per token; the row layout and its int64 addressing
+# are rows.py's; everything accumulates in fp32 (no tl.dot, so bf16 is exact under the
+# interpreter too).
 
 import os  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from umv2cli.kernels.rows import launch_dims, load_row, lookup_at, row_tile  # noqa: E402
 from umv2cli.kernels.value_grad import value_grad  # noqa: E402
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/√2 (constexpr: jit code reads no plain globals)
@@ -95,23 +96,15 @@ def _mem_fwd_kernel(
     BLOCK_W: tl.constexpr,  # power of two ≥ W
 ):
     t = tl.program_id(0).to(tl.int64)  # one token
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_p = offs_p < D_P
-    mask_c = offs_c < C
-    offs_cw = offs_c[:, None] * W + offs_w[None, :]  # chunk c, element w of D_v
-    mask_cw = mask_c[:, None] & (offs_w[None, :] < W)
+    offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
     x = tl.load(X_P + t * D_P + offs_p, mask=mask_p, other=0.0).to(tl.float32)  # read D_p once
     acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     for j in range(0, M):
         ell = t * M + j
-        row = tl.load(ROWS + ell).to(tl.int64)
+        row, s = lookup_at(ROWS, S, ell, C, offs_c, mask_c)
         base = TABLE + row * (D_P + D_V)  # one contiguous row [P | V]
-        s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        v = tl.load(base + D_P + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)  # read D_v
+        pre, v = load_row(base, base + D_P, offs_p, mask_p, offs_cw, mask_cw)  # read D_p + D_v
         if HAS_P:  # step 8: z_j = act(<P[p_j], x_p>)
-            pre = tl.load(base + offs_p, mask=mask_p, other=0.0).to(tl.float32)  # read D_p
             h = tl.sum(pre * x, axis=0)
             tl.store(H + ell, h)
             if GELU:
@@ -145,23 +138,16 @@ def _mem_bwd_tokens_kernel(
     BLOCK_W: tl.constexpr,  # power of two ≥ W
 ):
     t = tl.program_id(0).to(tl.int64)  # one token
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_p = offs_p < D_P
-    mask_c = offs_c < C
-    offs_cw = offs_c[:, None] * W + offs_w[None, :]
-    mask_cw = mask_c[:, None] & (offs_w[None, :] < W)
+    offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
     do = tl.load(DO + t * D_V + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)  # read D_v
     dx = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for j in range(0, M):
         ell = t * M + j
-        row = tl.load(ROWS + ell).to(tl.int64)
+        row, s = lookup_at(ROWS, S, ell, C, offs_c, mask_c)
         base = TABLE + row * (D_P + D_V)
-        v = tl.load(base + D_P + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)  # read D_v
+        pre, v = load_row(base, base + D_P, offs_p, mask_p, offs_cw, mask_cw)  # read D_p + D_v
         dw = tl.sum(v * do, axis=1)  # dw_{j,c} = <V[p_j, chunk c], do[chunk c]>
         if HAS_P:
-            s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             h = tl.load(H + ell)
             if GELU:
                 z = _gelu(h)
@@ -170,7 +156,6 @@ def _mem_bwd_tokens_kernel(
                 z = h
                 dz = tl.sum(s * dw, axis=0)
             tl.store(DZ + ell, dz)
-            pre = tl.load(base + offs_p, mask=mask_p, other=0.0).to(tl.float32)  # read D_p
             dx += dz * pre  # dx_p = Σ_j dz_j P[p_j]
             dw = z * dw  # ds_{j,c} = z_j dw_{j,c}
         tl.store(DS + ell * C + offs_c, dw.to(DS.dtype.element_ty), mask=mask_c)
@@ -212,13 +197,6 @@ def _check_lookup_args(x_p_BP, table_TD, rows_BM, scores_BMC, act) -> tuple[int,
     return B, M, C, P, V
 
 
-def _launch_dims(M, C, P, V, act) -> dict:
-    W = V // C
-    return dict(M=M, D_P=P, D_V=V, W=W, C=C, HAS_P=P > 0, GELU=act == "gelu",
-                BLOCK_P=max(16, triton.next_power_of_2(max(P, 1))), BLOCK_C=triton.next_power_of_2(C),
-                BLOCK_W=max(16, triton.next_power_of_2(W)), num_warps=4 if P + V >= 512 else 2)
-
-
 def mem_fwd(x_p_BP, table_TD, rows_BM, scores_BMC, act="none") -> tuple[torch.Tensor, torch.Tensor]:
     """K2. Returns (o_BV in the table's dtype, h_BM the fp32 pre-activations; [B, 0] if D_p = 0)."""
     B, M, C, P, V = _check_lookup_args(x_p_BP, table_TD, rows_BM, scores_BMC, act)
@@ -226,7 +204,7 @@ def mem_fwd(x_p_BP, table_TD, rows_BM, scores_BMC, act="none") -> tuple[torch.Te
     h_BM = torch.empty(B, M if P else 0, dtype=torch.float32, device=table_TD.device)
     if B:
         _mem_fwd_kernel[(B,)](x_p_BP, table_TD, rows_BM, scores_BMC, o_BV, h_BM if P else o_BV,
-                              **_launch_dims(M, C, P, V, act))
+                              **launch_dims(M, C, P, V), GELU=act == "gelu")
     return o_BV, h_BM
 
 
@@ -244,7 +222,8 @@ def mem_bwd_tokens(x_p_BP, table_TD, rows_BM, scores_BMC, h_BM, do_BV, act="none
         dummy = ds_BMC  # never touched when D_p = 0
         _mem_bwd_tokens_kernel[(B,)](
             x_p_BP, table_TD, rows_BM, scores_BMC, h_BM if P else dummy, do_BV,
-            dx_BP if P else dummy, ds_BMC, dz_BM if P else dummy, **_launch_dims(M, C, P, V, act))
+            dx_BP if P else dummy, ds_BMC, dz_BM if P else dummy,
+            **launch_dims(M, C, P, V), GELU=act == "gelu")
     return dx_BP, ds_BMC, dz_BM
 
 

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from umv2cli.kernels.rows import launch_dims, load_row, lookup_at, row_tile
+
 
 def value_grad_reference(
     x_p_BP: torch.Tensor,  # pre-value input                         [B, D_p]
@@ -82,29 +84,20 @@ def _value_grad_rows_kernel(
     prev = tl.load(SORTED_ROWS + k - 1, mask=k > 0, other=-1).to(tl.int64)
     if row != prev:  # this program owns the row: k is its segment's first occurrence
         end = tl.load(SEG_END + k)
-        offs_p = tl.arange(0, BLOCK_P)
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_w = tl.arange(0, BLOCK_W)
-        mask_p = offs_p < D_P
-        mask_c = offs_c < C
-        offs_cw = offs_c[:, None] * W + offs_w[None, :]  # chunk c, element w of D_v
-        mask_cw = mask_c[:, None] & (offs_w[None, :] < W)
+        offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
         acc_v = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)  # dV[row]
         acc_p = tl.zeros((BLOCK_P,), dtype=tl.float32)  # dP[row]
         for q in range(k, end):  # occurrences in token order: a fixed sum order
             ell = tl.load(ORDER + q).to(tl.int64)
             t = ell // M
             s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            x, do = load_row(X_P + t * D_P, DO + t * D_V, offs_p, mask_p, offs_cw, mask_cw)
             if HAS_P:
                 s = s * tl.load(Z + ell)
-                dz = tl.load(DZ + ell)
-                x = tl.load(X_P + t * D_P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-                acc_p += dz * x
-            do = tl.load(DO + t * D_V + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
+                acc_p += tl.load(DZ + ell) * x
             acc_v += s[:, None] * do
         base = GRAD + row * (D_P + D_V)
-        if HAS_P:
-            tl.store(base + offs_p, acc_p.to(GRAD.dtype.element_ty), mask=mask_p)
+        tl.store(base + offs_p, acc_p.to(GRAD.dtype.element_ty), mask=mask_p)
         tl.store(base + D_P + offs_cw, acc_v.to(GRAD.dtype.element_ty), mask=mask_cw)
 
 
@@ -128,24 +121,15 @@ def _value_grad_atomic_kernel(
     BLOCK_W: tl.constexpr,  # power of two ≥ W
 ):
     t = tl.program_id(0).to(tl.int64)  # one token
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_p = offs_p < D_P
-    mask_c = offs_c < C
-    offs_cw = offs_c[:, None] * W + offs_w[None, :]
-    mask_cw = mask_c[:, None] & (offs_w[None, :] < W)
-    do = tl.load(DO + t * D_V + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
-    x = tl.load(X_P + t * D_P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
+    x, do = load_row(X_P + t * D_P, DO + t * D_V, offs_p, mask_p, offs_cw, mask_cw)
     for j in range(0, M):
         ell = t * M + j
-        row = tl.load(ROWS + ell).to(tl.int64)
+        row, s = lookup_at(ROWS, S, ell, C, offs_c, mask_c)
         base = GRAD + row * (D_P + D_V)
-        s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         if HAS_P:
             s = s * tl.load(Z + ell)
-            dz = tl.load(DZ + ell)
-            tl.atomic_add(base + offs_p, dz * x, mask=mask_p)
+            tl.atomic_add(base + offs_p, tl.load(DZ + ell) * x, mask=mask_p)
         tl.atomic_add(base + D_P + offs_cw, s[:, None] * do, mask=mask_cw)
 
 
@@ -155,11 +139,6 @@ def sort_lookups_by_row(rows_BM: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     sorted_L, order_L = torch.sort(rows_BM.reshape(-1), stable=True)
     seg_end_L = torch.searchsorted(sorted_L, sorted_L, right=True)
     return sorted_L.contiguous(), order_L.contiguous(), seg_end_L.contiguous()
-
-
-def _blocks(P: int, C: int, W: int) -> dict:
-    return dict(BLOCK_P=max(16, triton.next_power_of_2(max(P, 1))),
-                BLOCK_C=triton.next_power_of_2(C), BLOCK_W=max(16, triton.next_power_of_2(W)))
 
 
 def value_grad(
@@ -192,8 +171,7 @@ def value_grad(
             raise ValueError(f"value_grad: {name} must be contiguous; call .contiguous() first")
     dummy = scores_BMC  # never read when D_p = 0
     z, dz = (z_BM, dz_BM) if P else (dummy, dummy)
-    dims = dict(M=M, D_P=P, D_V=V, W=V // C, C=C, HAS_P=P > 0, **_blocks(P, C, V // C))
-    num_warps = 4 if V + P >= 512 else 2
+    dims = launch_dims(M, C, P, V)
     if deterministic:
         grad_TD = torch.zeros(num_rows, P + V, dtype=out_dtype, device=do_BV.device)
         if B * M == 0:
@@ -201,10 +179,10 @@ def value_grad(
         sorted_L, order_L, seg_end_L = sort_lookups_by_row(rows_BM)
         _value_grad_rows_kernel[(B * M,)](
             x_p_BP, scores_BMC, z, dz, do_BV, sorted_L, order_L, seg_end_L, grad_TD,
-            **dims, num_warps=num_warps)
+            **dims)
         return grad_TD
     grad_TD = torch.zeros(num_rows, P + V, dtype=torch.float32, device=do_BV.device)
     if B * M:
         _value_grad_atomic_kernel[(B,)](
-            x_p_BP, rows_BM, scores_BMC, z, dz, do_BV, grad_TD, **dims, num_warps=num_warps)
+            x_p_BP, rows_BM, scores_BMC, z, dz, do_BV, grad_TD, **dims)
     return grad_TD if out_dtype == torch.float32 else grad_TD.to(out_dtype)
