@@ -68,3 +68,307 @@ def rank1_vectors(
     flip = (u_R + prev_u_R).abs().sum() + (v_R + prev_v_R).abs().sum()
     sign = -1.0 if flip < keep else 1.0
     return (sign * u_R).to(prev_u_R.dtype), (sign * v_R).to(prev_v_R.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton (code-anchors "Implications": K1 tdqkr_select). One program per token does steps 4-6 in
+# registers: it reads the token's 2·r·n scores once, keeps the k_rc candidates of each side and
+# the k_rc² grid on chip, and writes only the m selections. Ranking works on packed int64 keys,
+#
+#     key = (order-preserving bits of the fp32 score) << 32 | (2³² − 1 − id),
+#
+# so one integer top-k (`tl.topk`, a bitonic network) sorts by score, best first, and breaks ties
+# toward the lower id: the lower key id n in the prefilter and the lower virtual cell row·n + col
+# in the final top-m. (`torch.topk`, and so the reference, leaves the order among equal scores
+# unspecified.) Scores are ranked in fp32 whatever the input dtype; the per-core scores of the m
+# winners are recomputed from the gathered rank scores, which is cheaper than keeping C grids.
+#
+# Backward, per token: with the m selections (row_j, col_j) fixed,
+#     ∂S_row[r, row_j] += Σ_c ∂s_{j,c} Σ_s C_c[r, s] S_col[s, col_j]
+#     ∂S_col[s, col_j] += Σ_c ∂s_{j,c} Σ_r S_row[r, row_j] C_c[r, s]
+#     ∂C_c[r, s]       += Σ_j ∂s_{j,c} S_row[r, row_j] S_col[s, col_j]
+# A row (or column) can be chosen several times, so the program sorts its selections by id and
+# sums each id's segment with a scan in a fixed order before one store per id: deterministic,
+# no atomics. ∂C is written per token and summed by torch (also in a fixed order). Bytes per
+# token: reads m·(2 ids + C) and gathers 2·r·m scores; writes 2·r·n (a memset, then ≤ 2·r·m
+# stores) and C·r².
+
+import os  # noqa: E402
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_INT64_MIN = tl.constexpr(-(2**63))  # below every packed key: padding never ranks
+_LOW = tl.constexpr(2**32 - 1)  # the id half of a packed key holds _LOW - id
+
+
+@triton.jit
+def _pack(score, id, valid):
+    """fp32 scores and int64 ids (< 2³²) → int64 keys that order by score, ties to the lower id."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+    return tl.where(valid, (ordered.to(tl.int64) << 32) | (_LOW - id), _INT64_MIN)
+
+
+@triton.jit
+def _unpack_id(key):
+    return _LOW - (key & _LOW)
+
+
+@triton.jit
+def _gather_ranks(S, ids, N, offs_r, mask_r, mask):
+    """S[r, ids_i] for one token's [r, n] scores → [len(ids), BLOCK_R] in fp32."""
+    return tl.load(S + offs_r[None, :] * N + ids[:, None], mask=mask[:, None] & mask_r[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _core(CORES, c, R, offs_r, mask_r):
+    """C_c → [BLOCK_R, BLOCK_R] in fp32."""
+    return tl.load(CORES + c * R * R + offs_r[:, None] * R + offs_r[None, :],
+                   mask=mask_r[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _prefilter(S, W, R, N, offs_r, mask_r, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step 4 for one side: the key ids by w^T S[:, n], best first → [BLOCK_K] (the first k_rc count)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    s_RN = tl.load(S + offs_r[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                   other=0.0).to(tl.float32)  # read r·n
+    w_R = tl.load(W + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    a_N = tl.sum(w_R[:, None] * s_RN, axis=0)  # a = u^T S_row (or b = v^T S_col)
+    return _unpack_id(tl.topk(_pack(a_N, offs_n.to(tl.int64), mask_n), BLOCK_K))
+
+
+@triton.jit
+def _tdqkr_fwd_kernel(
+    S_ROW,  # pointer to the row scores [B, r, n], each token's [r, n] block contiguous
+    S_COL,  # pointer to the column scores, the same layout
+    CORES,  # pointer to the Tucker cores [C, r, r]
+    U,  # pointer to the rank-1 row vector u [r]
+    V,  # pointer to the rank-1 column vector v [r]
+    ROWS,  # pointer to the chosen rows, int64 [B, m]
+    COLS,  # pointer to the chosen columns, int64 [B, m]
+    SCORES,  # pointer to the per-core scores [B, m, C]
+    STRIDE_ROW,  # elements between two tokens' [r, n] blocks of S_ROW
+    STRIDE_COL,  # the same for S_COL
+    R,  # Tucker rank r
+    N,  # keys per side n
+    C,  # cores
+    K_RC,  # candidates per side
+    M,  # selections m
+    BLOCK_R: tl.constexpr,  # power of two ≥ r
+    BLOCK_N: tl.constexpr,  # power of two ≥ n and ≥ BLOCK_K
+    BLOCK_K: tl.constexpr,  # power of two ≥ k_rc
+    BLOCK_M: tl.constexpr,  # power of two ≥ m, ≤ BLOCK_K²
+):
+    b = tl.program_id(0).to(tl.int64)  # one token
+    s_row = S_ROW + b * STRIDE_ROW
+    s_col = S_COL + b * STRIDE_COL
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    mask_k = tl.arange(0, BLOCK_K) < K_RC
+    # step 4: rank-1 prefilter, k_rc row and column candidates
+    i_K = _prefilter(s_row, U, R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
+    j_K = _prefilter(s_col, V, R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
+    # step 5: the grid Σ_c G_c = S̃_row^T C̄ S̃_col over the candidates, C̄ = Σ_c C_c
+    cbar_RR = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for c in range(C):
+        cbar_RR += _core(CORES, c, R, offs_r, mask_r)
+    sr_KR = _gather_ranks(s_row, i_K, N, offs_r, mask_r, mask_k)
+    sc_KR = _gather_ranks(s_col, j_K, N, offs_r, mask_r, mask_k)
+    t_KR = tl.sum(sr_KR[:, :, None] * cbar_RR[None, :, :], axis=1)  # T[i, s] = Σ_r S̃_row[r, i] C̄[r, s]
+    g_KK = tl.sum(t_KR[:, None, :] * sc_KR[None, :, :], axis=2)  # G[i, j] = Σ_s T[i, s] S̃_col[s, j]
+    # step 6: top-m cells of the grid, best first, ties to the lower virtual cell row·n + col
+    cell_KK = i_K[:, None] * N + j_K[None, :]
+    key_KK = _pack(g_KK, cell_KK, mask_k[:, None] & mask_k[None, :])
+    cell_M = _unpack_id(tl.topk(tl.reshape(key_KK, [BLOCK_K * BLOCK_K]), BLOCK_M))
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    row_M = cell_M // N
+    col_M = cell_M % N
+    tl.store(ROWS + b * M + offs_m, row_M, mask=mask_m)
+    tl.store(COLS + b * M + offs_m, col_M, mask=mask_m)
+    # each core's score of the winners: s_{j,c} = S_row[:, row_j]^T C_c S_col[:, col_j]
+    sr_MR = _gather_ranks(s_row, row_M, N, offs_r, mask_r, mask_m)
+    sc_MR = _gather_ranks(s_col, col_M, N, offs_r, mask_r, mask_m)
+    for c in range(C):
+        core_RR = _core(CORES, c, R, offs_r, mask_r)
+        s_M = tl.sum(tl.sum(sr_MR[:, :, None] * core_RR[None, :, :] * sc_MR[:, None, :], axis=2), axis=1)
+        tl.store(SCORES + (b * M + offs_m) * C + c, s_M.to(SCORES.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _segment_sum(a, id_a, b, id_b):
+    """Scan operator: running sums that restart where the (sorted) id changes."""
+    return tl.where(id_a == id_b, a + b, b), id_b
+
+
+@triton.jit
+def _store_summed_by_id(OUT, ids_M, val_MR, mask_m, N, offs_r, mask_r, BLOCK_M: tl.constexpr):
+    """OUT[r, id] = Σ_{j : ids_j = id} val[j, r] for one token's [r, n] gradient, every id written
+    once: sort the selections by (id, j), sum each id's segment by a scan, store at its end."""
+    offs_m = tl.arange(0, BLOCK_M)
+    order = tl.sort(tl.where(mask_m, ids_M * BLOCK_M + offs_m, N * BLOCK_M + offs_m))
+    j_sorted = order % BLOCK_M
+    id_sorted = order // BLOCK_M  # N for the padding past m
+    val_sorted = tl.gather(val_MR, tl.broadcast_to(j_sorted[:, None], val_MR.shape), 0)
+    id_MR = tl.broadcast_to(id_sorted[:, None], val_MR.shape)
+    sum_MR, _ = tl.associative_scan((val_sorted, id_MR), 0, _segment_sum)
+    next_id = tl.gather(id_sorted, tl.minimum(offs_m + 1, BLOCK_M - 1), 0)
+    last = ((id_sorted != next_id) | (offs_m == BLOCK_M - 1)) & (id_sorted < N)
+    tl.store(OUT + offs_r[None, :] * N + id_sorted[:, None], sum_MR.to(OUT.dtype.element_ty),
+             mask=last[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _tdqkr_bwd_kernel(
+    S_ROW,  # pointer to the row scores [B, r, n] (as in the forward)
+    S_COL,  # pointer to the column scores
+    CORES,  # pointer to the Tucker cores [C, r, r]
+    ROWS,  # pointer to the chosen rows, int64 [B, m]
+    COLS,  # pointer to the chosen columns, int64 [B, m]
+    DSCORES,  # pointer to ∂s [B, m, C], contiguous
+    DS_ROW,  # pointer to ∂S_row [B, r, n], contiguous and zeroed
+    DS_COL,  # pointer to ∂S_col [B, r, n], contiguous and zeroed
+    DCORES,  # pointer to each token's share of ∂C, fp32 [B, C, r, r]
+    STRIDE_ROW,  # elements between two tokens' [r, n] blocks of S_ROW
+    STRIDE_COL,  # the same for S_COL
+    R,  # Tucker rank r
+    N,  # keys per side n
+    C,  # cores
+    M,  # selections m
+    BLOCK_R: tl.constexpr,  # power of two ≥ r
+    BLOCK_M: tl.constexpr,  # power of two ≥ m
+):
+    b = tl.program_id(0).to(tl.int64)  # one token
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    row_M = tl.load(ROWS + b * M + offs_m, mask=mask_m, other=0)
+    col_M = tl.load(COLS + b * M + offs_m, mask=mask_m, other=0)
+    sr_MR = _gather_ranks(S_ROW + b * STRIDE_ROW, row_M, N, offs_r, mask_r, mask_m)
+    sc_MR = _gather_ranks(S_COL + b * STRIDE_COL, col_M, N, offs_r, mask_r, mask_m)
+    dsr_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dsc_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c in range(C):
+        core_RR = _core(CORES, c, R, offs_r, mask_r)
+        ds_M = tl.load(DSCORES + (b * M + offs_m) * C + c, mask=mask_m, other=0.0).to(tl.float32)
+        dsr_MR += ds_M[:, None] * tl.sum(core_RR[None, :, :] * sc_MR[:, None, :], axis=2)
+        dsc_MR += ds_M[:, None] * tl.sum(sr_MR[:, :, None] * core_RR[None, :, :], axis=1)
+        dcore_RR = tl.sum(ds_M[:, None, None] * sr_MR[:, :, None] * sc_MR[:, None, :], axis=0)
+        tl.store(DCORES + ((b * C + c) * R + offs_r[:, None]) * R + offs_r[None, :], dcore_RR,
+                 mask=mask_r[:, None] & mask_r[None, :])
+    _store_summed_by_id(DS_ROW + b * R * N, row_M, dsr_MR, mask_m, N, offs_r, mask_r, BLOCK_M)
+    _store_summed_by_id(DS_COL + b * R * N, col_M, dsc_MR, mask_m, N, offs_r, mask_r, BLOCK_M)
+
+
+def _rank_major(s_BRN: torch.Tensor) -> torch.Tensor:
+    """The kernels read a token's [r, n] block contiguously; any batch stride is fine."""
+    _, R, N = s_BRN.shape
+    return s_BRN if s_BRN.stride(2) == 1 and s_BRN.stride(1) == N else s_BRN.contiguous()
+
+
+def _check_select_args(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm) -> tuple[int, ...]:
+    """One-line ValueErrors for what K1 cannot take; returns (B, R, N, C)."""
+    if s_row_BRN.dim() != 3 or s_row_BRN.shape != s_col_BRN.shape:
+        raise ValueError(f"select_topm: s_row and s_col must both be [B, r, n]; got "
+                         f"{tuple(s_row_BRN.shape)}, {tuple(s_col_BRN.shape)}")
+    B, R, N = s_row_BRN.shape
+    C = cores_CRR.shape[0]
+    if tuple(cores_CRR.shape) != (C, R, R) or tuple(u_R.shape) != (R,) or tuple(v_R.shape) != (R,):
+        raise ValueError(f"select_topm: cores must be [C, {R}, {R}] and u, v [{R}]; got "
+                         f"{tuple(cores_CRR.shape)}, {tuple(u_R.shape)}, {tuple(v_R.shape)}")
+    if not (1 <= k_rc <= N and 1 <= topm <= k_rc**2):
+        raise ValueError(f"select_topm: need 1 ≤ k_rc ≤ n={N} and 1 ≤ topm ≤ k_rc²; got k_rc={k_rc}, topm={topm}")
+    if N >= 2**16:
+        raise ValueError(f"select_topm: n={N} keys per side; the kernel packs cells row·n + col in 32 bits (n < 65536)")
+    kinds = (torch.float32, torch.float16, torch.bfloat16)
+    if s_row_BRN.dtype != s_col_BRN.dtype or any(t.dtype not in kinds for t in (s_row_BRN, cores_CRR, u_R, v_R)):
+        raise ValueError(f"select_topm: s_row and s_col must share one dtype, and all inputs be fp32, "
+                         f"fp16 or bf16; got {s_row_BRN.dtype}, {s_col_BRN.dtype}, {cores_CRR.dtype}, "
+                         f"{u_R.dtype}, {v_R.dtype}")
+    devices = {t.device for t in (s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R)}
+    if len(devices) != 1:
+        raise ValueError(f"select_topm: tensors on several devices {sorted(map(str, devices))}")
+    if not s_row_BRN.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("select_topm: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                         "umv2cli.kernels.tdqkr is imported; or use impl='torch'")
+    return B, R, N, C
+
+
+def _blocks(R: int, N: int, k_rc: int, topm: int) -> dict:
+    block_k = triton.next_power_of_2(k_rc)
+    return dict(BLOCK_R=triton.next_power_of_2(R), BLOCK_N=max(triton.next_power_of_2(N), block_k),
+                BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(topm),
+                num_warps=8 if block_k * block_k >= 4096 else 4)
+
+
+def tdqkr_fwd(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm):
+    """K1 forward. Returns (rows_BM, cols_BM int64, scores_BMC in s_row's dtype), best first."""
+    B, R, N, C = _check_select_args(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
+    s_row_BRN, s_col_BRN = _rank_major(s_row_BRN), _rank_major(s_col_BRN)
+    device = s_row_BRN.device
+    rows_BM = torch.empty(B, topm, dtype=torch.int64, device=device)
+    cols_BM = torch.empty(B, topm, dtype=torch.int64, device=device)
+    scores_BMC = torch.empty(B, topm, C, dtype=s_row_BRN.dtype, device=device)
+    if B:
+        _tdqkr_fwd_kernel[(B,)](
+            s_row_BRN, s_col_BRN, cores_CRR.contiguous(), u_R.contiguous(), v_R.contiguous(),
+            rows_BM, cols_BM, scores_BMC, s_row_BRN.stride(0), s_col_BRN.stride(0), R, N, C, k_rc,
+            topm, **_blocks(R, N, k_rc, topm))
+    return rows_BM, cols_BM, scores_BMC
+
+
+def tdqkr_bwd(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM, dscores_BMC):
+    """K1 backward. Returns (∂S_row, ∂S_col in s_row's dtype, ∂C in the cores' dtype)."""
+    s_row_BRN, s_col_BRN = _rank_major(s_row_BRN), _rank_major(s_col_BRN)
+    (B, R, N), (C, M) = s_row_BRN.shape, (cores_CRR.shape[0], rows_BM.shape[1])
+    ds_row_BRN = torch.zeros(B, R, N, dtype=s_row_BRN.dtype, device=s_row_BRN.device)
+    ds_col_BRN = torch.zeros_like(ds_row_BRN)
+    dcores_BCRR = torch.empty(B, C, R, R, dtype=torch.float32, device=s_row_BRN.device)
+    if B:
+        _tdqkr_bwd_kernel[(B,)](
+            s_row_BRN, s_col_BRN, cores_CRR.contiguous(), rows_BM, cols_BM, dscores_BMC.contiguous(),
+            ds_row_BRN, ds_col_BRN, dcores_BCRR, s_row_BRN.stride(0), s_col_BRN.stride(0), R, N, C, M,
+            BLOCK_R=triton.next_power_of_2(R), BLOCK_M=triton.next_power_of_2(M))
+    return ds_row_BRN, ds_col_BRN, dcores_BCRR.sum(0).to(cores_CRR.dtype)
+
+
+class TDQKRSelect(torch.autograd.Function):
+    """K1 forward and backward; the indices are constants, u and v get no gradient."""
+
+    @staticmethod
+    def forward(ctx, s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm):
+        rows_BM, cols_BM, scores_BMC = tdqkr_fwd(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
+        ctx.save_for_backward(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM)
+        ctx.mark_non_differentiable(rows_BM, cols_BM)
+        return rows_BM, cols_BM, scores_BMC
+
+    @staticmethod
+    def backward(ctx, _drows, _dcols, dscores_BMC):
+        ds_row_BRN, ds_col_BRN, dcores_CRR = tdqkr_bwd(*ctx.saved_tensors, dscores_BMC)
+        need_row, need_col, need_cores = ctx.needs_input_grad[:3]
+        return (ds_row_BRN if need_row else None, ds_col_BRN if need_col else None,
+                dcores_CRR if need_cores else None, None, None, None, None)
+
+
+def select_topm(
+    s_row_BRN: torch.Tensor,  # per-rank row scores            [B, r, n]
+    s_col_BRN: torch.Tensor,  # per-rank column scores         [B, r, n]
+    cores_CRR: torch.Tensor,  # Tucker cores C_1..C_C           [C, r, r]
+    u_R: torch.Tensor,  # rank-1 row vector of Σ_c C_c         [r]
+    v_R: torch.Tensor,  # rank-1 column vector of Σ_c C_c      [r]
+    k_rc: int,
+    topm: int,
+    impl: str = "auto",  # "auto" (Triton iff the scores are on CUDA), "triton", "torch"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TDQKR steps 4-6 → (rows_BM, cols_BM, scores_BMC), best first; differentiable in the
+    scores and the cores. The Triton path breaks ties toward the lower id (see above)."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"select_topm: impl={impl!r}; use 'auto', 'triton' or 'torch'")
+    if impl == "torch" or (impl == "auto" and not s_row_BRN.is_cuda):
+        return select_topm_reference(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
+    return TDQKRSelect.apply(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)

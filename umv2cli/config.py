@@ -89,8 +89,9 @@ class UltraMemV2Config:
     pre_value_act: Literal["none", "gelu"] = "none"
     """Activation on the pre-value neuron z (eq. 15: none; the code's mem_use_glu_act: GELU)."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    """The value lookup (steps 8-9) by the Triton kernels of `umv2cli.kernels` or the plain-PyTorch
-    reference; "auto" = Triton on CUDA, the reference on CPU. Both train the same model."""
+    """The selection (steps 4-6) and the value lookup (steps 8-9) by the Triton kernels of
+    `umv2cli.kernels` or the plain-PyTorch references; "auto" = Triton on CUDA, the references on
+    CPU. Both train the same model."""
     placement: str = "all"
     replace_ffn: bool = False
 

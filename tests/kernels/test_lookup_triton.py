@@ -1,28 +1,13 @@
-"""The Triton value lookup (kernels/lookup.py K2/K3, kernels/value_grad.py K4) against the reference.
-
-On a machine without CUDA the kernels run under Triton's interpreter, which tests/conftest.py switches
-on before triton is imported; sizes are tiny because it is 10³-10⁴× slower. With CUDA the
-same tests run the compiled kernels on the GPU.
-"""
+"""The Triton value lookup (kernels/lookup.py K2/K3, kernels/value_grad.py K4) against the reference,
+under Triton's interpreter without CUDA (see kernel_checks.py)."""
 
 import os
 
 import pytest
 import torch
+from kernel_checks import DEVICE, REL_TOL, rel_err
 
 from umv2cli.kernels import lookup, value_grad
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-
-# relative L2 error against an fp64 reference on the same (rounded) inputs, per input dtype
-REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert torch.isfinite(actual).all(), "non-finite values: an output was not fully written"
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def random_lookup(B, M, C, P, V, T, *, dtype=torch.float32, index_dtype=torch.int64, seed=0):
@@ -35,19 +20,6 @@ def random_lookup(B, M, C, P, V, T, *, dtype=torch.float32, index_dtype=torch.in
     scores = torch.randn(B, M, C, generator=gen).to(dtype)
     do = torch.randn(B, V, generator=gen).to(dtype)
     return [t.to(DEVICE) for t in (x_p, table, rows.to(index_dtype), scores, do)]
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty / empty_like return NaN-filled floats (and -1 ints) while a test runs, so any
-    output element a kernel fails to write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.dtype.is_floating_point else -1)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def check_against_reference(B, M, C, P, V, T, act, dtype, index_dtype, deterministic=True):

@@ -163,7 +163,7 @@ def test_official_init_uses_the_code_constants():
 
 # ----------------------------------------------------------------------------------------------
 # kernels = "triton" | "torch": the whole model trains the same either way (on CPU the Triton
-# kernels run under the interpreter, which tests/conftest.py switches on)
+# kernels, selection and lookup, run under the interpreter, which tests/conftest.py switches on)
 
 
 def tiny_model_logits_and_grads(kernels: str, sparse: UltraMemV2Config):
@@ -192,14 +192,16 @@ def test_triton_kernels_give_the_same_logits_and_gradients_as_torch(name):
 
 def test_triton_lookup_under_bf16_autocast_returns_the_reference_dtype():
     (layer,), _ = make_layers(TINY, dtype=torch.float32)
-    u = torch.randn(1, 5, 8)
+    u_BH = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        p_BM, scores_BMC = layer.select(u_BH)  # one selection for both lookups
+    assert scores_BMC.dtype == torch.bfloat16
     outputs = []
     for kernels in ("triton", "torch"):
         layer.cfg = dataclasses.replace(TINY, kernels=kernels)
         layer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            p_BM, scores_BMC = layer.select(u[0])
-            o_BV = layer.lookup(layer.w_pre(u[0]), p_BM, scores_BMC)
+            o_BV = layer.lookup(layer.w_pre(u_BH), p_BM, scores_BMC)
         o_BV.float().sum().backward()
         outputs.append((o_BV, layer.pool_TD.grad.clone(), layer.w_pre.weight.grad.clone()))
     (o, d_pool, d_pre), (o_ref, d_pool_ref, d_pre_ref) = outputs
@@ -211,10 +213,14 @@ def test_triton_lookup_under_bf16_autocast_returns_the_reference_dtype():
     torch.testing.assert_close(d_pre, d_pre_ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("kernels,autograd_node", [
-    ("triton", "MemoryLookupBackward"), ("torch", "ViewBackward0"), ("auto", "ViewBackward0")])
-def test_kernels_switch_picks_the_lookup(kernels, autograd_node):
+@pytest.mark.parametrize("kernels,select_node,lookup_node", [
+    ("triton", "TDQKRSelectBackward", "MemoryLookupBackward"),
+    ("torch", "TransposeBackward0", "ViewBackward0"),
+    ("auto", "TransposeBackward0", "ViewBackward0"),  # "auto" on CPU: the references
+])
+def test_kernels_switch_picks_selection_and_lookup(kernels, select_node, lookup_node):
     (layer,), _ = make_layers(dataclasses.replace(TINY, kernels=kernels), dtype=torch.float32)
     u_BH = torch.randn(3, 8)
-    o_BV = layer.lookup(layer.w_pre(u_BH), *layer.select(u_BH))
-    assert o_BV.grad_fn.name() == autograd_node  # "auto" on CPU: the reference
+    p_BM, scores_BMC = layer.select(u_BH)
+    o_BV = layer.lookup(layer.w_pre(u_BH), p_BM, scores_BMC)
+    assert (scores_BMC.grad_fn.name(), o_BV.grad_fn.name()) == (select_node, lookup_node)

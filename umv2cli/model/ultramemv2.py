@@ -17,7 +17,8 @@ The forward follows paper-notes §1.3:
 
 Steps 4-6 are `select_topm_reference` (kernels/tdqkr.py) and steps 8-9 `memory_lookup_reference`
 (kernels/lookup.py), so this file plus those two references is the whole math. `cfg.kernels`
-swaps in the Triton lookup (kernels/lookup.py), which equals the reference.
+swaps in the Triton kernels beside them, which equal the references (the selection kernel ranks
+in fp32 and breaks ties toward the lower id, see kernels/tdqkr.py).
 
 Value pool. All UltraMemV2 layers of a model read one parameter `pool` of L_m·n² rows, each row
 ``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²). With ring
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from umv2cli.config import UltraMemV2Config
 from umv2cli.kernels.lookup import memory_lookup
-from umv2cli.kernels.tdqkr import rank1_vectors, select_topm_reference
+from umv2cli.kernels.tdqkr import rank1_vectors, select_topm, select_topm_reference
 from umv2cli.model.costs import LayerCosts
 from umv2cli.model.init import InitContext, normal_
 
@@ -102,9 +103,9 @@ class UltraMemV2(nn.Module):
     def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-7: the m pool rows each token reads [B, m] and their per-core scores [B, m, C]."""
         s_BSRN = self.scores(u_BH)  # steps 1-3
-        rows_BM, cols_BM, scores_BMC = select_topm_reference(  # steps 4-6
+        rows_BM, cols_BM, scores_BMC = select_topm(  # steps 4-6
             s_BSRN[:, 0], s_BSRN[:, 1], self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
-            self.cfg.k_rc, self.cfg.topm)
+            self.cfg.k_rc, self.cfg.topm, impl=self.cfg.kernels)
         return self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM), scores_BMC  # step 7
 
     def scores(self, u_BH: torch.Tensor) -> torch.Tensor:
