@@ -1,4 +1,5 @@
-"""Plan: a `Recipe` → one `PlannedRun` per (grid point, seed) (reads nothing else; writes nothing).
+"""Plan: a `Recipe` → one `PlannedRun` per (grid point, seed) (reads the recipe's `tuned` file, if
+any; writes nothing).
 
 Each run is a fully resolved `RunSpec`, its accounting row, and a run id: the first 12 hex digits of
 the SHA-256 of the spec's canonical JSON, so the same recipe always names the same runs and a
@@ -10,22 +11,33 @@ model's total sparse parameters come nearest the value; `topm` sets sparse.topm 
 Matching: `iso-activated` / `iso-flop` resize the backbone FFN (ffn_hidden) so each run's
 activated parameters / forward FLOPs per token equal the base model's; the residual mismatch is
 reported per run (it is not zero where every FFN is replaced, e.g. an MoE, which has none to resize).
+A `tuned` file (`umv2 tune`) sets the [train] fields of each run's group; the recipe's [train]
+gives the rest.
+
+Speed (BENCHMARKS.md, "Sweeps"): each base model is resolved once, each axis value's type checked
+once per base, and a grid point's config is its base with the point's values replaced (the config
+dataclasses check the values), never parsed again; accounting is computed once per distinct config.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from umv2cli.config import ModelConfig, MoEConfig, RunSpec, TrainConfig, UltraMemV2Config, config_from_dict
 from umv2cli.errors import UserError
 from umv2cli.model.accounting import Accounting, account
-from umv2cli.sweeps.recipe import Recipe
+from umv2cli.sweeps.recipe import Recipe, Tuned, group_key, read_tuned
 
 H100_BF16_FLOPS = 989e12
 """Dense bf16 peak of an H100 SXM (datasheet), for the GPU-hour estimate."""
+
+MAX_PROBLEMS = 20
+"""Problems printed before the rest are counted, so a bad 100 × 100 grid stays readable."""
 
 
 @dataclass(frozen=True)
@@ -37,56 +49,153 @@ class PlannedRun:
 
 
 def run_id(spec: RunSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    """The hash of `spec.to_dict()`'s JSON. `vars` gives each (flat, frozen) config dataclass's
+    fields as `asdict` does, without its deep copies: a 10,000-run plan spends 1 s less here."""
+    return hashlib.sha256(json.dumps(spec, default=vars, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_plan(recipe: Recipe, *, mfu: float = 0.3) -> list[PlannedRun]:
     """Every run of the recipe, in grid order; all problems of all grid points at once."""
-    problems: list[str] = []
-    reference = account(base_config(recipe.model, recipe.source))
-    runs = []
+    bases = resolve_bases(recipe)
+    tuned = read_tuned(recipe.tuned, recipe.grid) if recipe.tuned else None
+    _raise(value_type_problems(recipe, bases))
+    reference = accounting(bases[_key(recipe.model)])
+
+    @functools.cache  # a plan has few distinct trainings: groups × sequence lengths × seeds
+    def train_for(group: str | None, seq_len: int, seed: int) -> TrainConfig:
+        return train_config(recipe, tuned.train[group] if tuned else {}, seq_len, seed)
+
+    runs, problems, seen = [], [], {}
     for point in recipe.points():
+        seeds = recipe.seeds + (recipe.corner_seeds if recipe.is_corner(point) else ())
         try:
-            cfg, residual = hold_match(point_config(recipe, point), reference, recipe.match)
+            cfg, residual = hold_match(point_config(recipe, point, bases), reference, recipe.match)
+            trains = [train_for(tuned_group(tuned, point), cfg.seq_len, seed) for seed in seeds]
         except UserError as e:
-            problems += [f"{recipe.source}: grid point {_show(point)}: {p.split(': ', 1)[-1]}" for p in e.problems]
+            problems += [f"{recipe.source}: grid point {_show(point)}: {p}" for p in e.problems]
             continue
-        acc = account(cfg)
-        for seed in recipe.seeds + (recipe.corner_seeds if recipe.is_corner(point) else ()):
-            spec = RunSpec(model=cfg, train=train_config(recipe, cfg, seed), data=recipe.data)
-            runs.append(PlannedRun(run_id(spec), spec, plan_row(spec, point, acc, residual, mfu)))
-    if problems:
-        raise UserError(*dict.fromkeys(problems))  # one line per distinct problem, in order
+        acc = accounting(cfg)
+        for train in trains:
+            spec = RunSpec(model=cfg, train=train, data=recipe.data)
+            rid = run_id(spec)
+            if rid in seen:
+                problems.append(f"{recipe.source}: grid points {_show(seen[rid])} and {_show(point)} give the same "
+                                "run (e.g. two sparse_params that round to one table size); drop one")
+            seen[rid] = point
+            runs.append(PlannedRun(rid, spec, plan_row(rid, spec, point, acc, residual, mfu)))
+    _raise(problems)
     return runs
 
 
-def base_config(model: str | dict, where: str) -> ModelConfig:
-    return config_from_dict({"preset": model} if isinstance(model, str) else model, where=f"{where}: model")
+def _raise(problems: list[str]) -> None:
+    problems = list(dict.fromkeys(problems))  # one line per distinct problem, in order
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS] + [f"… and {len(problems) - MAX_PROBLEMS} more problems like these"]
+    if problems:
+        raise UserError(*problems)
 
 
-def point_config(recipe: Recipe, point: dict[str, Any]) -> ModelConfig:
-    """The base model with this grid point's values applied."""
-    base = point.get("model", recipe.model)
-    model = {"preset": base} if isinstance(base, str) else dict(base)
-    kind_cfg = base_config(base, recipe.source).sparse
-    sparse = dict(model.get("sparse", {}))
+# ----------------------------------------------------------------------------------------------
+# a grid point's model
+
+
+def _key(model: str | dict) -> str:
+    return model if isinstance(model, str) else json.dumps(model, sort_keys=True)
+
+
+def resolve_bases(recipe: Recipe) -> dict[str, ModelConfig]:
+    """Every distinct base model of the recipe (its `model`, and each value of a model axis)."""
+    models = [recipe.model, *recipe.grid.get("model", [])]
+    bases, problems = {}, []
+    for model in models:
+        if _key(model) not in bases:
+            try:
+                bases[_key(model)] = config_from_dict({"preset": model} if isinstance(model, str) else model,
+                                                      where=f"{recipe.source}: model")
+            except UserError as e:
+                problems += e.problems
+    _raise(problems)
+    return bases
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def value_type_problems(recipe: Recipe, bases: dict[str, ModelConfig]) -> list[str]:
+    """Each dotted axis value against the field's type in every base model it applies to."""
+    from umv2cli.config import _type_ok
+
+    models = recipe.grid.get("model", [recipe.model])
+    problems = []
+    for axis, values in recipe.grid.items():
+        if axis in ("model", "sparse_params", "topm"):
+            continue
+        for model in models:
+            cls, name = _field_class(bases[_key(model)], axis, recipe.source)
+            if cls is None:
+                problems.append(f"{recipe.source}: grid.{axis}: {model if isinstance(model, str) else 'the model'} "
+                                f"has {name}; drop the axis or the model")
+                continue
+            for i, value in enumerate(values):
+                ok, expected = _type_ok(value, _hints(cls)[name])
+                if not ok:
+                    problems.append(f"{recipe.source}: grid.{axis}[{i}]={value!r}: expected {expected}")
+    return problems
+
+
+def _field_class(base: ModelConfig, axis: str, where: str) -> tuple[type | None, str]:
+    """The dataclass that holds `axis` in this base, and the field's name (or why there is none)."""
+    if not axis.startswith("sparse."):
+        return ModelConfig, axis
+    name = axis.removeprefix("sparse.")
+    if base.sparse is None:
+        return None, "no sparse layer"
+    if name not in {f.name for f in dataclasses.fields(base.sparse)}:
+        return None, f"no field {axis} (its sparse kind is {base.sparse.kind})"
+    return type(base.sparse), name
+
+
+def point_config(recipe: Recipe, point: dict[str, Any], bases: dict[str, ModelConfig]) -> ModelConfig:
+    """The base model with this grid point's values applied (a new k_rc is derived from a new
+    top-m unless the point or a model table sets it)."""
+    base_model = point.get("model", recipe.model)
+    base = bases[_key(base_model)]
+    model_fields, sparse_fields = {}, {}
     for axis, value in point.items():
         if axis in ("model", "sparse_params"):
             continue
         if axis == "topm":
-            if kind_cfg is None:
+            if base.sparse is None:
                 raise UserError("grid.topm: the model has no sparse layer")
-            sparse["topk" if isinstance(kind_cfg, MoEConfig) else "topm"] = value
+            sparse_fields["topk" if isinstance(base.sparse, MoEConfig) else "topm"] = value
         elif axis.startswith("sparse."):
-            sparse[axis.removeprefix("sparse.")] = value
+            name = axis.removeprefix("sparse.")
+            sparse_fields[name] = _typed(type(base.sparse), name, value)
         else:
-            model[axis] = value
-    if sparse:
-        model["sparse"] = sparse
-    cfg = config_from_dict(model, where="model")
+            model_fields[axis] = _typed(ModelConfig, axis, value)
+    keep_k_rc = "k_rc" in sparse_fields or (isinstance(base_model, dict) and "k_rc" in base_model.get("sparse", {}))
+    if isinstance(base.sparse, UltraMemV2Config) and sparse_fields and not keep_k_rc:
+        sparse_fields["k_rc"] = None
+    cfg = _replaced(base, tuple(model_fields.items()), tuple(sparse_fields.items()))
     if "sparse_params" in point:
-        cfg = with_sparse_params(cfg, point["sparse_params"], keep_k_rc="sparse.k_rc" in point)
+        cfg = with_sparse_params(cfg, point["sparse_params"], keep_k_rc=keep_k_rc)
     return cfg
+
+
+@functools.lru_cache(maxsize=4096)
+def _replaced(base: ModelConfig, model_fields: tuple, sparse_fields: tuple) -> ModelConfig:
+    """`base` with these (field, value) pairs; cached, as points that differ only in sparse_params
+    share it."""
+    sparse = dataclasses.replace(base.sparse, **dict(sparse_fields)) if sparse_fields else base.sparse
+    return dataclasses.replace(base, **dict(model_fields), sparse=sparse) if model_fields or sparse_fields else base
+
+
+def _typed(cls: type, name: str, value: Any) -> Any:
+    """A number given for a float field becomes a float, as `config_from_dict` does (the run id
+    hashes the spec's JSON, where 1 and 1.0 differ)."""
+    return float(value) if _hints(cls)[name] is float else value
 
 
 def with_sparse_params(cfg: ModelConfig, target: float, keep_k_rc: bool) -> ModelConfig:
@@ -96,10 +205,17 @@ def with_sparse_params(cfg: ModelConfig, target: float, keep_k_rc: bool) -> Mode
         raise UserError("grid.sparse_params: the model has no sparse layer")
     size_field, power = ("n_experts", 1) if isinstance(cfg.sparse, MoEConfig) else ("knum", 2)
     size = getattr(cfg.sparse, size_field)
-    per_unit = account(cfg).sparse_params / size**power
+    per_unit = accounting(cfg).sparse_params / size**power
     new_size = max(1, round((target / per_unit) ** (1 / power)))
     reset = {"k_rc": None} if isinstance(cfg.sparse, UltraMemV2Config) and not keep_k_rc else {}
     return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, **{size_field: new_size}, **reset))
+
+
+@functools.lru_cache(maxsize=4096)
+def accounting(cfg: ModelConfig) -> Accounting:
+    """`account`, once per distinct config (a plan asks again for the same ones: every seed, the
+    sizing of a table, the matching)."""
+    return account(cfg)
 
 
 def hold_match(cfg: ModelConfig, reference: Accounting, match: str) -> tuple[ModelConfig, float]:
@@ -109,34 +225,52 @@ def hold_match(cfg: ModelConfig, reference: Accounting, match: str) -> tuple[Mod
         return cfg, 0.0
     metric = "activated_params" if match == "iso-activated" else "flops_per_token"
     target = getattr(reference, metric)
-
-    def value(ffn_hidden: int) -> int:
-        return getattr(account(dataclasses.replace(cfg, ffn_hidden=ffn_hidden)), metric)
-
     if cfg.ffn_blocks():  # linear in ffn_hidden: one Newton step is exact up to rounding
-        slope = value(cfg.ffn_hidden + 1) - value(cfg.ffn_hidden)
-        ffn_hidden = round(cfg.ffn_hidden + (target - value(cfg.ffn_hidden)) / slope)
+        now = getattr(accounting(cfg), metric)
+        slope = _ffn_slope(cfg.d_model, cfg.n_heads, len(cfg.ffn_blocks()), metric)
+        ffn_hidden = round(cfg.ffn_hidden + (target - now) / slope)
         if ffn_hidden < 1:
             raise UserError(f"match={match}: needs ffn_hidden={ffn_hidden}: the sparse layers alone exceed the "
                             "base model's budget; shrink them or use match = \"fixed-backbone\"")
         cfg = dataclasses.replace(cfg, ffn_hidden=ffn_hidden)
-    return cfg, getattr(account(cfg), metric) / target - 1
+    return cfg, getattr(accounting(cfg), metric) / target - 1
 
 
-def train_config(recipe: Recipe, cfg: ModelConfig, seed: int) -> TrainConfig:
-    train = TrainConfig(**{**recipe.train, "seed": seed})
+@functools.lru_cache(maxsize=256)
+def _ffn_slope(d_model: int, n_heads: int, n_ffn_blocks: int, metric: str) -> int:
+    """d metric / d ffn_hidden. The FFNs' share depends only on the width h and on how many blocks
+    have an FFN, so it is measured once on a dense model of that many blocks."""
+    dense = ModelConfig(d_model=d_model, n_layers=n_ffn_blocks, n_heads=n_heads, ffn_hidden=1)
+    return getattr(account(dataclasses.replace(dense, ffn_hidden=2)), metric) - getattr(account(dense), metric)
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's training and its row
+
+
+def train_config(recipe: Recipe, tuned_fields: dict[str, Any], model_seq_len: int, seed: int) -> TrainConfig:
+    """The recipe's [train], then the tuned fields of the run's group, the seed, and the steps of the
+    token budget."""
+    train = TrainConfig(**{**recipe.train, **tuned_fields, "seed": seed})
+    if train.seq_len is not None and train.seq_len > model_seq_len:
+        raise UserError(f"train.seq_len={train.seq_len}: exceeds the model's seq_len={model_seq_len}; lower it")
     if recipe.tokens is not None:
-        per_step = train.batch_size * (train.seq_len or cfg.seq_len) * train.grad_accum
+        per_step = train.batch_size * (train.seq_len or model_seq_len) * train.grad_accum
         train = dataclasses.replace(train, steps=math.ceil(recipe.tokens / per_step))
     return train
 
 
-def plan_row(spec: RunSpec, point: dict, acc: Accounting, residual: float, mfu: float) -> dict[str, Any]:
+def tuned_group(tuned: Tuned | None, point: dict[str, Any]) -> str | None:
+    """The group of a tuned file that a grid point belongs to."""
+    return None if tuned is None else "all" if tuned.group_by is None else group_key(point[tuned.group_by])
+
+
+def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: float, mfu: float) -> dict[str, Any]:
     cfg, train = spec.model, spec.train
     tokens = train.steps * train.batch_size * (train.seq_len or cfg.seq_len) * train.grad_accum
     m, n = activated_and_table_values(cfg)
     return {
-        "run_id": run_id(spec), "seed": train.seed, "kind": acc.kind,
+        "run_id": rid, "seed": train.seed, "kind": acc.kind,
         **{f"grid.{axis}": str(v) if axis == "model" else v for axis, v in point.items()},
         "sparse_params": acc.sparse_params, "topm": m, "values_per_layer": n,
         "density": m / n if n else 0.0, "activated_params": acc.activated_params,
