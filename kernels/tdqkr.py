@@ -355,18 +355,10 @@ class TDQKRSelect(torch.autograd.Function):
                 dcores_CRR if need_cores else None, None, None, None, None)
 
 
-def select_topm(
-    s_row_BRN: torch.Tensor,  # per-rank row scores            [B, r, n]
-    s_col_BRN: torch.Tensor,  # per-rank column scores         [B, r, n]
-    cores_CRR: torch.Tensor,  # Tucker cores C_1..C_C           [C, r, r]
-    u_R: torch.Tensor,  # rank-1 row vector of Σ_c C_c         [r]
-    v_R: torch.Tensor,  # rank-1 column vector of Σ_c C_c      [r]
-    k_rc: int,
-    topm: int,
-    impl: str = "auto",  # "auto" (Triton iff the scores are on CUDA), "triton", "torch"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TDQKR steps 4-6 → (rows_BM, cols_BM, scores_BMC), best first; differentiable in the
-    scores and the cores. The Triton path breaks ties toward the lower id (see above)."""
+def select_topm(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc: int, topm: int, impl: str = "auto"):
+    """TDQKR steps 4-6 with `select_topm_reference`'s arguments and results, differentiable in the
+    scores and the cores; impl: "auto" (Triton iff the scores are on CUDA), "triton" or "torch".
+    The Triton path ranks in fp32 and breaks ties toward the lower id (see above)."""
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"select_topm: impl={impl!r}; use 'auto', 'triton' or 'torch'")
     if impl == "torch" or (impl == "auto" and not s_row_BRN.is_cuda):
