@@ -60,3 +60,100 @@ def train_overhead(preset: str, *, steps: int = 40, warmup: int = 5, batch_size:
     loop = statistics.median(loop_step_seconds(spec)[warmup:])
     return {"preset": preset, "bare_ms": 1e3 * bare, "loop_ms": 1e3 * loop, "overhead": loop / bare - 1,
             "tokens_per_step": batch_size * spec.model.seq_len}
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregate: a synthetic sweep of finished, failed, running and pending runs
+
+
+def synthetic_sweep(sweep: Path, runs: int, rows: int, eval_every: int = 500) -> None:
+    """A sweep directory shaped like `umv2 sweep run`'s: a 10 × 10 grid of (P, m) cycled over seeds,
+    `rows` metrics lines per run (eval fields every `eval_every` steps and at the end), eval.json
+    and STATUS. Of every 100 runs, one failed (at mid-run), one is running (its last line cut short,
+    as by a kill) and one is pending (no directory); the rest are done."""
+    import json
+
+    import numpy as np
+    import polars as pl
+
+    from umv2cli.files import write_atomic
+
+    (sweep / "runs").mkdir(parents=True)
+    (sweep / "recipe.toml").write_text('name = "synthetic"\nmodel = "tiny-ultramemv2"\nmatch = "iso-flop"\n'
+                                       "[grid]\ntopm = [4]\n")
+    rng = np.random.default_rng(0)
+    P = np.tile(np.repeat(2.0 ** np.arange(14, 24), 10), runs // 100 + 1)[:runs]
+    m = np.tile(2 ** np.arange(2, 12), runs // 10 + 1)[:runs]
+    tokens_per_step = 8 * 64
+    plan = pl.DataFrame({
+        "run_id": [f"{i:012x}" for i in range(runs)], "seed": np.arange(runs) // 100, "kind": "ultramemv2",
+        "grid.sparse_params": P.astype(int), "grid.topm": m, "sparse_params": P.astype(int), "topm": m,
+        "values_per_layer": (P / 32).astype(int), "density": m / (P / 32), "activated_params": 230_000,
+        "total_params": 230_000 + P.astype(int), "flops_per_token": 590_000, "tokens": rows * tokens_per_step,
+        "ffn_hidden": 128, "match_residual": 0.0, "gpu_hours": 1e-6, "steps": rows,
+    }).with_columns(pl.selectors.integer().cast(pl.Int64))  # as the real plan's columns
+    write_atomic(sweep / "plan.parquet", lambda f: plan.write_parquet(f))
+    step = np.arange(1, rows + 1)
+    for i, row in enumerate(plan.iter_rows(named=True)):
+        fate = {97: "failed", 98: "running", 99: "pending"}.get(i % 100, "done")
+        if fate == "pending":
+            continue
+        run = sweep / "runs" / row["run_id"]
+        run.mkdir()
+        floor = 2.0 + 0.5 * (row["sparse_params"] / 2**14) ** -0.1 * (row["topm"] / 4) ** -0.05
+        train = pl.DataFrame({"step": step, "tokens": step * tokens_per_step, "lr": 3e-3,
+                              "train_loss": floor + 4 / np.sqrt(step) + rng.normal(0, 0.01, rows),
+                              "grad_norm": rng.random(rows), "tokens_per_s": 1e4 * rng.random(rows)})
+        lines = train.write_ndjson().splitlines()
+        final = {}
+        for s in [*range(eval_every, rows, eval_every), rows]:
+            final = {"step": s, "train_loss": floor + 4 / np.sqrt(s), "eval_loss": floor + 4 / np.sqrt(s) + 0.05,
+                     "memory_values_touched": 0.5, "task_associative_recall": 0.25}
+            lines[s - 1] = lines[s - 1][:-1] + ", " + json.dumps(final)[1:]
+        if fate == "failed":
+            lines = lines[: rows // 2]
+            (run / "STATUS").write_text(f"failed: non-finite loss (nan) at step {rows // 2 + 1}\n")
+        elif fate == "running":
+            lines = lines[: rows // 2] + [lines[rows // 2][:20]]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + ("" if fate == "running" else "\n"))
+        if fate == "done":
+            (run / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
+            (run / "STATUS").write_text("done\n")
+
+
+def aggregate_seconds(runs: int = 1000, rows: int = 10_000, repeats: int = 3,
+                      at_flops: tuple[float, ...] = (1e12, 3e12, 1e13)) -> dict:
+    """Median wall time of `aggregate` over a synthetic sweep (page cache warm: it was just
+    written), by default and with FLOP budgets, against parsing every metrics line with Polars."""
+    import polars as pl
+
+    from umv2cli.sweeps.aggregate import aggregate
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = Path(tmp) / "synthetic"
+        t0 = time.perf_counter()
+        synthetic_sweep(sweep, runs, rows)
+        build = time.perf_counter() - t0
+        paths = sorted(str(p.parent / "metrics.jsonl") for p in sweep.glob("runs/*/STATUS"))  # no line cut short
+        return {"runs": runs, "rows_per_run": rows,
+                "metrics_bytes": sum(p.stat().st_size for p in sweep.glob("runs/*/metrics.jsonl")),
+                "build_s": build, "default_s": timed(lambda: aggregate(sweep)),
+                "at_flops_s": timed(lambda: aggregate(sweep, at_flops)), "budgets": len(at_flops),
+                "parse_every_line_s": timed(lambda: parse_every_line(paths))}
+
+
+def parse_every_line(paths: list[str]) -> "pl.DataFrame":
+    """The reference: what the default aggregate reads (last step, final train loss) by parsing every
+    line of the finished runs' metrics."""
+    import polars as pl
+
+    return (pl.scan_ndjson(paths, include_file_paths="path", ignore_errors=True).group_by("path")
+            .agg(pl.col("step").max(), pl.col("train_loss").tail(10).mean()).collect())

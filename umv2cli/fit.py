@@ -70,10 +70,19 @@ class Runs:
 # -------------------------------------------------------------------------------------------------- reading
 
 def read_runs(path: Path | str) -> Runs:
-    """Read and check a runs table: a .csv/.parquet file, or a directory holding results.parquet."""
+    """Read and check a runs table: a .csv/.parquet file, a sweep directory (aggregated first; its done
+    runs), or a directory holding results.parquet."""
     import polars as pl
 
     path = Path(path)
+    if (path / "plan.parquet").exists():  # a sweep directory: aggregate it (writes results.parquet), fit done runs
+        from umv2cli.sweeps.aggregate import aggregate
+
+        results = aggregate(path)
+        done = results.filter(pl.col("status") == "done")
+        if done.height == 0:
+            raise UserError(f"{path}: no finished run yet ({results.height} runs); see `umv2 sweep status {path}`")
+        return runs_from_frame(done, str(path / "results.parquet"))
     if path.is_dir():
         path = path / "results.parquet"
         if not path.exists():
@@ -444,8 +453,9 @@ def iso_cost_pairs(runs: Runs, n_boot: int, seed: int) -> tuple[list, dict | Non
 # ------------------------------------------------------------------------------------------------- the fit
 
 def run_fit(path: Path | str | Runs, form: str = "loglinear", n_boot: int = 2000, seed: int = 0,
-            workers: int = 2, compare: bool = True) -> dict:
-    """Fit ``form`` to a runs table and return the report (the `--json` dict; see the module docstring)."""
+            workers: int = 2, compare: bool = True, resamples: bool = False) -> dict:
+    """Fit ``form`` to a runs table and return the report (the `--json` dict; see the module docstring).
+    With ``resamples``, ``report["resamples"]`` holds the converged bootstrap refits' e_P, e_m and R."""
     if form not in FORMS:
         raise UserError(f"--form {form}: unknown; choose one of {', '.join(FORMS)}")
     if n_boot < 1:
@@ -496,6 +506,9 @@ def run_fit(path: Path | str | Runs, form: str = "loglinear", n_boot: int = 2000
                   if sp.any() else None},
     }
     report["sentence"] = sentence(report)
+    if resamples and R is not None:
+        report["resamples"] = {"e_P": boot[ok, 0].tolist(), "e_m": boot[ok, 1].tolist(),
+                               "R": (boot[ok, 1] / boot[ok, 0]).tolist()}
     return report
 
 

@@ -76,3 +76,24 @@ def status(
                f"{state['pending']} pending ({100 * state['progress']:.0f}% of steps{eta})")
     for failure in state["failures"]:
         typer.echo(f"  failed {failure['run_id']}: {failure['reason']}")
+
+
+@app.command()
+def aggregate(
+    sweep: Annotated[Path, typer.Argument(help="A sweep directory (OUT/<recipe name>).")],
+    at_flops: Annotated[list[float] | None, typer.Option(
+        "--at-flops", help="Loss at this training-FLOP budget, interpolated between eval steps, instead of the "
+                           "final eval loss; repeat for several budgets (one row per run and budget).")] = None,
+) -> None:
+    """Collect every run (done, failed, running, pending) into SWEEP/results.parquet, the table `umv2 fit` reads."""
+    from umv2cli.sweeps.aggregate import aggregate as collect
+    from umv2cli.sweeps.aggregate import summary
+
+    results = collect(sweep, at_flops or ())
+    s = summary(results)
+    done = results.filter(results["status"] == "done")
+    outside = f", {done['loss'].null_count()} budget rows of done runs outside their evals" if at_flops else ""
+    typer.echo(f"{s['total']} runs: {s['done']} done, {s['failed']} failed, {s['running']} running, "
+               f"{s['pending']} pending{outside}; wrote {sweep / 'results.parquet'} ({results.height} rows)")
+    for failure in s["failures"]:
+        typer.echo(f"  failed {failure['run_id']}: {failure['reason']}")
