@@ -271,13 +271,22 @@ def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: fl
     m, n = activated_and_table_values(cfg)
     return {
         "run_id": rid, "seed": train.seed, "kind": acc.kind,
-        **{f"grid.{axis}": str(v) if axis == "model" else v for axis, v in point.items()},
+        **{f"grid.{axis}": model_label(v) if axis == "model" else v for axis, v in point.items()},
         "sparse_params": acc.sparse_params, "topm": m, "values_per_layer": n,
         "density": m / n if n else 0.0, "activated_params": acc.activated_params,
         "total_params": acc.total_params, "flops_per_token": acc.flops_per_token, "tokens": tokens,
         "ffn_hidden": cfg.ffn_hidden, "match_residual": residual,
         "gpu_hours": 3 * acc.flops_per_token * tokens / (mfu * H100_BF16_FLOPS) / 3600,
     }
+
+
+def model_label(model: str | dict) -> str:
+    """A model axis value in the plan table: a preset's name, or a table's sparse kind and size fields."""
+    if isinstance(model, str):
+        return model
+    sparse = model.get("sparse", {})
+    fields = [model.get("preset", "table"), str(sparse.get("kind", "dense"))]
+    return " ".join(fields + [f"{k}={v}" for k, v in sparse.items() if k in ("knum", "n_experts", "topm", "topk")])
 
 
 def activated_and_table_values(cfg: ModelConfig) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from umv2cli.cli import bench, data, fit, model, sweep, train
+from umv2cli.cli import bench, data, fit, model, sweep, train, tune
 from umv2cli.errors import UserError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
 app.add_typer(sweep.app, name="sweep")
 app.command(name="train")(train.train)
+app.command(name="tune")(tune.tune)
 app.command(name="fit")(fit.fit)
 app.add_typer(bench.app, name="bench")
 

@@ -1,0 +1,291 @@
+"""Tune: a recipe's [tune] table → one Optuna study per group → the best values, in a file the
+recipe's `tuned` key reads.
+
+Reads the recipe; writes `<out>/<name>/tune.journal` (the studies, unless `storage` names a
+database), `trials/<run-id>/` (one training run per trial, the files of a sweep's run) and
+`best.toml` (`recipe.write_tuned`: the best trial's [train] values per group).
+
+1. Groups. [tune] group_by names a grid axis: one study per value of it ("lr per model size"); a
+   trial trains that value's grid point with every other axis at its middle value, at the recipe's
+   first seed, with the token budget of the sweep. Without group_by there is one study, "all", at
+   the grid's middle point.
+2. Trials. The driver asks a study for the next values (TPE: half the trials random, then
+   guided; a constant liar keeps parallel trials apart), and a worker process trains them: a
+   `RunSpec` run in trials/<run-id>/, like a sweep's, evaluated `evals` times.
+3. Pruning. At each evaluation the worker reports the metric to the study and stops the run when
+   the median pruner says so (the trial is PRUNED; its run could resume).
+4. Failures. A run that diverges (NaN/Inf: `RunFailed`) is a FAIL trial with the run's reason and
+   is tried again, up to `retries` times, with the next seed. A trial left RUNNING by a tune that
+   was killed is marked FAIL when tune starts again and retried with the same seed: its run
+   resumes from its checkpoint. (optuna's RetryFailedTrialCallback needs heartbeats, which the
+   journal storage does not have, so this is its equivalent.)
+5. Storage. By default a `JournalStorage` on `tune.journal` (`JournalFileBackend` with a symlink
+   lock, which works on NFS too): an append-only log that many workers can share. `storage` may
+   instead be a PostgreSQL/MySQL URL. Never SQLite: it locks up with parallel workers and breaks on
+   network filesystems (optuna #820, #4994). Running tune again continues the same studies.
+6. Budget. Each study runs until it has `n_trials` trials that are not retries, and its retries.
+
+The local executor is a pool of worker processes, each pinned to its own share of the CPUs, as
+`sweeps.launch` runs a sweep.
+"""
+
+import dataclasses
+import math
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from umv2cli.config import RunSpec
+from umv2cli.errors import UserError
+from umv2cli.sweeps.plan import build_plan, run_id
+from umv2cli.sweeps.recipe import Recipe, TuneSpec, Tuned, group_key, load_recipe, write_tuned
+
+JOURNAL = "tune.journal"
+
+
+def tune(recipe_path: Path, out: Path, *, storage: str | None = None, workers: int | None = None,
+         n_trials: int | None = None, on_trial: Callable[[str, Any], None] | None = None) -> tuple[Path, dict]:
+    """Run (or continue) every study of the recipe and write best.toml; returns the folder and each
+    group's summary: its best value and values (None when no trial completed), trials by state."""
+    import optuna
+
+    from umv2cli.data import open_data
+
+    recipe = load_recipe(recipe_path)
+    if recipe.tune is None:
+        raise UserError(f"{recipe_path}: no [tune] table; add one, e.g. [tune] with lr = {{low = 1e-4, high = 1e-2, "
+                        "log = true}")
+    spec = recipe.tune if n_trials is None else dataclasses.replace(recipe.tune, n_trials=n_trials)
+    bases = group_specs(recipe)
+    open_data(recipe.data)  # a missing data folder stops us before anything is written
+    folder = out / recipe.name
+    storage_spec = storage or str(folder / JOURNAL)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = open_storage(storage_spec)
+    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    studies = {group: open_study(store, f"{recipe.name}/{group}", spec) for group in bases}
+    for group, study in studies.items():
+        for trial in retry_stale(study, store, spec):
+            if on_trial:
+                on_trial(group, trial)
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0))))
+    _drive(studies, bases, spec, storage_spec, folder, workers, on_trial)
+    summary = {group: summarize(study) for group, study in studies.items()}
+    best = {g: s for g, s in summary.items() if s["best_value"] is not None}
+    if best:
+        write_tuned(folder / "best.toml", Tuned(spec.group_by, {g: s["best_params"] for g, s in best.items()}),
+                    {g: {"study": studies[g].study_name, "trial": s["best_trial"], spec.metric: s["best_value"],
+                         "run_id": s["best_run_id"]} for g, s in best.items()})
+    return folder, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. groups
+
+
+def group_specs(recipe: Recipe) -> dict[str, RunSpec]:
+    """group key → the RunSpec its trials start from: the grid's middle point (the group axis at
+    each of its values), planned as the sweep plans it, at the first seed, without `tuned`."""
+    group_by = recipe.tune.group_by
+    middle = recipe.middle()
+    grid = {axis: values if axis == group_by else [middle[axis]] for axis, values in recipe.grid.items()}
+    runs = build_plan(dataclasses.replace(recipe, grid=grid, seeds=recipe.seeds[:1], corner_seeds=(), tuned=None))
+    keys = [group_key(v) for v in recipe.grid[group_by]] if group_by else ["all"]
+    return {key: run.spec for key, run in zip(keys, runs)}
+
+
+def trial_spec(base: RunSpec, params: dict[str, Any], seed_offset: int, evals: int) -> RunSpec:
+    """The base run with the trial's values and seed, evaluated `evals` times (unless the recipe
+    sets train.eval_every)."""
+    train = base.train
+    eval_every = train.eval_every or max(1, train.steps // evals)
+    return dataclasses.replace(base, train=dataclasses.replace(train, **params, seed=train.seed + seed_offset,
+                                                               eval_every=eval_every))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. trials: asked and told here, trained in a worker
+
+
+def _drive(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, storage_spec: str, folder: Path,
+           workers: int, on_trial) -> None:
+    """Keep `workers` trials training until every study has its trials."""
+    pending: dict[Future, tuple[str, Any]] = {}
+    with _pool(workers) as pool:
+        while True:
+            for group, study in studies.items():
+                while len(pending) < workers and has_work(study, spec):
+                    trial = study.ask(distributions(spec))
+                    run = trial_spec(bases[group], trial.params, trial.user_attrs.get("seed_offset", 0), spec.evals)
+                    run_dir = folder / "trials" / run_id(run)
+                    trial.set_user_attr("run_id", run_dir.name)
+                    # the worker rebuilds the trial from its storage id, which only `_trial_id` holds
+                    pending[pool.submit(run_trial, storage_spec, study.study_name, trial._trial_id, run, run_dir,
+                                        spec.metric, spec.prune)] = (group, trial)
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                group, trial = pending.pop(future)
+                told = tell(studies[group], trial, future.result(), spec)
+                if on_trial:
+                    on_trial(group, told)
+
+
+def distributions(spec: TuneSpec) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    return {name: CategoricalDistribution(p.choices) if p.choices else FloatDistribution(p.low, p.high, log=p.log)
+            for name, p in spec.params.items()}
+
+
+def has_work(study, spec: TuneSpec) -> bool:
+    """Fewer than n_trials trials that are not retries, or a retry waiting."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    fresh = sum("retry_of" not in t.user_attrs for t in trials)
+    return fresh < spec.n_trials or any(t.state == TrialState.WAITING for t in trials)
+
+
+def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, run_dir: Path, metric: str,
+              prune: bool) -> dict[str, Any]:
+    """In a worker: train the trial's run, reporting `metric` at each evaluation and stopping when
+    the pruner says so; returns {"state": complete | pruned | failed, "value", "step", "reason"}."""
+    import optuna
+
+    from umv2cli.train import RunFailed, train
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_spec), pruner=pruner(prune))
+    trial = optuna.Trial(study, trial_id)
+    last: dict[str, Any] = {"step": 0, "value": None}
+
+    def report(line: dict) -> None:
+        if "eval_loss" in line:  # an evaluation step
+            last.update(step=line["step"], value=line[metric])
+            trial.report(line[metric], line["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+    try:
+        result = train(spec, run_dir, resume=(run_dir / "spec.json").exists(), on_step=report)
+    except optuna.TrialPruned:
+        return {"state": "pruned", **last, "reason": f"pruned at step {last['step']}"}
+    except RunFailed:
+        return {"state": "failed", **last, "reason": (run_dir / "STATUS").read_text().strip()}
+    value = result.final.get(metric, math.nan)
+    if result.status != "done" or not math.isfinite(value):
+        return {"state": "failed", **last, "reason": f"{result.status}; {metric} = {value}"}
+    return {"state": "complete", "step": result.step, "value": value, "reason": ""}
+
+
+def tell(study, trial, outcome: dict[str, Any], spec: TuneSpec):
+    """Record the worker's outcome; a failed trial is retried with the next seed. Returns the
+    finished trial."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("reason", outcome["reason"])
+    if outcome["state"] == "complete":
+        return study.tell(trial, outcome["value"])
+    if outcome["state"] == "pruned":
+        return study.tell(trial, state=TrialState.PRUNED)
+    told = study.tell(trial, state=TrialState.FAIL)
+    retry(study, told, spec, seed_step=1)
+    return told
+
+
+def retry(study, trial, spec: TuneSpec, seed_step: int) -> None:
+    """Enqueue the same values again unless the trial's line has used its retries."""
+    attrs = trial.user_attrs
+    if attrs.get("retries", 0) < spec.retries:
+        study.enqueue_trial(trial.params, user_attrs={
+            "retry_of": attrs.get("retry_of", trial.number), "retries": attrs.get("retries", 0) + 1,
+            "seed_offset": attrs.get("seed_offset", 0) + seed_step})
+
+
+def retry_stale(study, storage, spec: TuneSpec) -> list:
+    """Trials left RUNNING by a tune that was killed: FAIL, and retried at the same seed, so their
+    runs resume from their checkpoints. Returns them. (Run one tune of a study at a time: a second
+    one would take the first one's trials for stale.)"""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        storage.set_trial_user_attr(trial._trial_id, "reason", "its tune stopped before it finished")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        retry(study, trial, spec, seed_step=0)
+    return [storage.get_trial(t._trial_id) for t in stale]
+
+
+def summarize(study) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {name: sum(t.state == state for t in trials)
+              for name, state in (("complete", TrialState.COMPLETE), ("pruned", TrialState.PRUNED),
+                                  ("failed", TrialState.FAIL))}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    return {"study": study.study_name, **counts,
+            "best_value": best.value if best else None, "best_params": best.params if best else None,
+            "best_trial": best.number if best else None, "best_run_id": best.user_attrs.get("run_id") if best else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. storage and studies
+
+
+def open_storage(spec: str):
+    """A journal file (the default, safe for many workers, NFS included) or a PostgreSQL/MySQL URL."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    if spec.startswith("sqlite"):
+        raise UserError(f"--storage {spec}: SQLite locks up with parallel workers and breaks on network "
+                        "filesystems; leave --storage out (a journal file) or give a PostgreSQL/MySQL URL")
+    if "://" in spec:
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except Exception as e:  # the database driver's own error types
+            raise UserError(f"--storage {spec}: cannot open ({str(e).splitlines()[0]}); check the URL, the "
+                            "server and its Python driver") from None
+    path = Path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
+
+
+def open_study(storage, name: str, spec: TuneSpec):
+    """Create or continue a study. The sampler's seed moves on with the trials already in it, so a
+    continued study does not draw its first values again."""
+    import optuna
+
+    existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    sampler = optuna.samplers.TPESampler(n_startup_trials=max(2, spec.n_trials // 2),
+                                         seed=spec.seed + existing.get(name, 0))
+    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner(spec.prune),
+                               direction="minimize", load_if_exists=True)
+
+
+def pruner(prune: bool):
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=2) if prune else optuna.pruners.NopPruner()
+
+
+# ----------------------------------------------------------------------------------------------
+# the local executor
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes pinned to their own CPU shares (as `sweeps.launch.launch_local`)."""
+    from umv2cli.sweeps.launch import _pin_worker
+
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = multiprocessing.get_context("spawn").Queue()
+    for w in range(workers):
+        shares.put(set(cpus[w::workers]))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
+                               initargs=(shares,))
