@@ -63,6 +63,41 @@ def train_overhead(preset: str, *, steps: int = 40, warmup: int = 5, batch_size:
 
 
 # ----------------------------------------------------------------------------------------------
+# plan: a side × side grid of distinct configs
+
+
+def plan_seconds(side: int = 100, repeats: int = 3) -> dict:
+    """Median wall time of reading and planning a side × side recipe (sparse_params × topm of
+    ultramemv2-227m, iso-FLOP, so every run is a distinct config that is sized and matched), and of
+    the JSON `umv2 sweep plan --json` prints; imports and one small plan come first, untimed."""
+    import json
+
+    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.recipe import load_recipe
+
+    knums = range(20, 20 + side)  # 20 layers × (D_v + D_p = 384) values of knum² rows: knum = k exactly
+    text = (f'model = "ultramemv2-227m"\nmatch = "iso-flop"\ntokens = 1e9\n[grid]\n'
+            f"sparse_params = {[20 * 384 * k * k for k in knums]}\ntopm = {list(range(1, side + 1))}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "grid.toml"
+        path.write_text(text)
+        build_plan(load_recipe(Path(__file__).parents[1] / "recipes" / "smoke.toml"))
+        times = {"load_s": [], "plan_s": [], "json_s": []}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            recipe = load_recipe(path)
+            t1 = time.perf_counter()
+            runs = build_plan(recipe)
+            t2 = time.perf_counter()
+            json.dumps([run.row for run in runs], indent=2)
+            t3 = time.perf_counter()
+            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[key].append(seconds)
+    medians = {key: statistics.median(v) for key, v in times.items()}
+    return {"runs": len(runs), **medians, "total_s": sum(medians.values())}
+
+
+# ----------------------------------------------------------------------------------------------
 # aggregate: a synthetic sweep of finished, failed, running and pending runs
 
 

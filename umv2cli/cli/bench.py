@@ -33,6 +33,23 @@ def train_overhead(
 
 
 @app.command()
+def plan(
+    side: Annotated[int, typer.Option(min=1, help="The grid is SIDE sizes × SIDE top-m.")] = 100,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the median is reported).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Reading and planning a SIDE × SIDE recipe of distinct configs (goal: 10,000 runs under 2 s)."""
+    from umv2cli.bench import plan_seconds
+
+    r = plan_seconds(side, repeats)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    typer.echo(f"{r['runs']} runs: read {r['load_s']:.3f} s, plan {r['plan_s']:.2f} s, rows to JSON "
+               f"{r['json_s']:.2f} s; {r['total_s']:.2f} s in all")
+
+
+@app.command()
 def aggregate(
     runs: Annotated[int, typer.Option(min=1, help="Runs in the synthetic sweep.")] = 1000,
     rows: Annotated[int, typer.Option(min=2, help="Metrics lines per run.")] = 10_000,
@@ -50,3 +67,92 @@ def aggregate(
     typer.echo(f"{r['runs']} runs × {r['rows_per_run']} metrics lines ({r['metrics_bytes'] / 1e9:.2f} GB, built in "
                f"{r['build_s']:.1f} s): aggregate {r['default_s']:.2f} s, at {r['budgets']} FLOP budgets "
                f"{r['at_flops_s']:.2f} s; parsing every line instead: {r['parse_every_line_s']:.2f} s")
+
+
+def _print_rows(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*rows[0].keys(), title=title)
+    for r in rows:
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
+    Console().print(table)
+
+
+def _require_cuda() -> None:
+    import torch
+
+    from umv2cli.errors import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError("umv2 bench kernels|layer|train: needs a CUDA device; run it on a GPU machine")
+
+
+@app.command()
+def kernels(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """The value lookup's forward and forward+backward over paper-like shapes, against copy bandwidth,
+    PyTorch, torch.compile and F.embedding_bag (CUDA)."""
+    _require_cuda()
+    from umv2cli.kernel_bench import bench_kernels
+
+    result = bench_kernels()
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{result['device']}: copy {result['copy_TBps']:.2f} TB/s")
+    _print_rows([r for r in result["lookup"] if "skipped" not in r], "memory lookup, bf16")
+    _print_rows(result["select"], "TDQKR selection, fp32 scores")
+
+
+@app.command()
+def layer(
+    preset: Annotated[str, typer.Option(help="An UltraMemV2 preset; its first memory layer is timed.")] = "ultramemv2-227m",
+    tokens: Annotated[int, typer.Option(min=1, help="Tokens per call.")] = 16384,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """One UltraMemV2 layer, forward and forward+backward under bf16 autocast: Triton, PyTorch, torch.compile (CUDA)."""
+    _require_cuda()
+    from umv2cli.kernel_bench import bench_layer
+
+    rows = bench_layer(preset, tokens)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    _print_rows(rows, f"{preset}: one memory layer")
+
+
+@app.command(name="train")
+def train_speed(
+    preset: Annotated[str, typer.Option(help="The UltraMemV2 preset; MoE and dense match its activated params.")] = "ultramemv2-227m",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    seq_len: Annotated[int, typer.Option(min=16)] = 2048,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per model.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 and dense at equal activated params (CUDA)."""
+    _require_cuda()
+    from umv2cli.kernel_bench import bench_train
+
+    rows = bench_train(preset, batch_size, seq_len, steps)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    _print_rows(rows, "training tokens/s, bf16 autocast")
+
+
+@app.command()
+def curves(
+    preset: Annotated[str, typer.Option(help="An UltraMemV2 preset small enough to train a few hundred steps.")] = "tiny-ultramemv2",
+    steps: Annotated[int, typer.Option(min=1)] = 300,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, the curves included.")] = False,
+) -> None:
+    """Train one model with the Triton kernels and with the references on CUDA; compare the loss curves."""
+    _require_cuda()
+    from umv2cli.kernel_bench import training_curves
+
+    result = training_curves(preset, steps)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{preset}, {steps} steps: largest per-step loss gap {result['max_abs_gap']:.4f}; mean of the last "
+               f"20 losses: Triton {result['final']['triton']:.4f}, reference {result['final']['torch']:.4f}")
