@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from umv2cli.cli import bench, data, fit, model, sweep, train, tune
+from umv2cli.cli import bench, data, fit, model, report, sweep, train, tune
 from umv2cli.errors import UserError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.add_typer(sweep.app, name="sweep")
 app.command(name="train")(train.train)
 app.command(name="tune")(tune.tune)
 app.command(name="fit")(fit.fit)
+app.command(name="report")(report.report)
 app.add_typer(bench.app, name="bench")
 
 

@@ -1,0 +1,23 @@
+"""`umv2 report`: one self-contained HTML page of a sweep or runs table: curves, grid, fit, verdict."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from umv2cli.cli.fit import Form
+
+
+def report(
+    path: Annotated[Path, typer.Argument(help="A sweep directory (OUT/<recipe name>) or a .csv/.parquet runs table.")],
+    out: Annotated[Path | None, typer.Option(help="The HTML file (default: PATH/report.html for a sweep, "
+                                                  "<table>-report.html beside a table).")] = None,
+    form: Annotated[Form, typer.Option(help="The law fitted for the verdict (as `umv2 fit --form`).")] = Form.loglinear,
+    bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples (runs, never checkpoints).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Write one HTML file that opens offline (plotly.js inlined): the verdict, loss curves, the (P, m) grid,
+    the fitted law and its residuals, bootstrap distributions, iso-cost pairs, memory tasks, every run."""
+    from umv2cli.report import build_report
+
+    typer.echo(f"report: {build_report(path, out, form.value, bootstrap, seed)}")
