@@ -1,27 +1,55 @@
 """Launch: a recipe → its sweep directory and the runs that are not done yet.
 
-Reads the recipe; writes `<out>/<name>/recipe.toml` (a copy), `plan.parquet` and, through
-`umv2cli.train`, one `runs/<run-id>/` per run. Launching is idempotent: a run whose STATUS is
-`done` is never launched again, a failed one only with `retry_failed`, and a started one resumes
-from its checkpoint. The local executor is a pool of worker processes on this machine, each pinned
-to its own share of the CPUs (so torch in each uses only those). Slurm arrives with the sweep issue.
+Reads the recipe; writes `<out>/<name>/recipe.toml` (a copy), `plan.parquet`, `launch.json` (the
+executor and its options, which `resume` reuses) and, through `umv2cli.train`, one
+`runs/<run-id>/` per run. Launching is idempotent: a run whose STATUS is `done` is never launched
+again, nor one whose Slurm job is queued or running; a failed one only with `retry_failed`; a
+started one resumes from its checkpoint.
+
+Executors (`launch_runs`):
+    local   a pool of worker processes on this machine, each pinned to its own share of the CPUs
+            (so torch in each uses only those); returns when every run has ended.
+    slurm   job arrays through submitit (`sweeps.slurm`); returns once they are submitted, or with
+            `wait` when every run has ended (it polls the ledger: one squeue call per poll).
 """
 
+import dataclasses
 import io
+import json
 import multiprocessing
 import os
+import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
 from umv2cli.files import write_atomic
-from umv2cli.sweeps.ledger import run_state
+from umv2cli.sweeps.ledger import RunState, read_plan, run_states
 from umv2cli.sweeps.plan import PlannedRun, build_plan
-from umv2cli.sweeps.recipe import load_recipe
+from umv2cli.sweeps.recipe import Recipe, load_recipe
+from umv2cli.sweeps.slurm import SlurmOptions, cancel, slurm_options, submit
+
+EXECUTORS = ("local", "slurm")
+POLL_S = 3.0
+"""Seconds between two looks at a waited-for Slurm sweep."""
+
+OnDone = Callable[[str, str], None] | None
+"""Called with (run_id, final status line) as each run ends."""
 
 
-def prepare_sweep(recipe_path: Path, out: Path) -> tuple[Path, list[PlannedRun]]:
+@dataclass(frozen=True)
+class LaunchOptions:
+    workers: int | None = None
+    """Local: worker processes (default: one per CPU)."""
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    wait: bool = False
+    """Slurm: return only when every run has ended (local runs always do)."""
+
+
+def prepare_sweep(recipe_path: Path, out: Path) -> tuple[Path, Recipe, list[PlannedRun]]:
     """Plan the recipe and write the sweep directory's recipe copy and plan.parquet."""
     import polars as pl
 
@@ -34,17 +62,18 @@ def prepare_sweep(recipe_path: Path, out: Path) -> tuple[Path, list[PlannedRun]]
     buffer = io.BytesIO()
     pl.DataFrame(rows).write_parquet(buffer)
     write_atomic(sweep / "plan.parquet", buffer.getvalue())
-    return sweep, runs
+    return sweep, recipe, runs
 
 
 def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> list[PlannedRun]:
+    """The runs that are neither done nor queued or running on Slurm (nor failed, unless
+    `retry_failed`: their STATUS is removed so that they run again)."""
     todo = []
-    for run in runs:
-        state = run_state(sweep, run.run_id, run.spec.train.steps).state
-        if state == "failed" and retry_failed:
-            (sweep / "runs" / run.run_id / "STATUS").unlink()
-        if state in ("pending", "running") or (state == "failed" and retry_failed):
-            todo.append(run)
+    for run, state in zip(runs, run_states(sweep, {run.run_id: run.spec.train.steps for run in runs})):
+        if state.state == "done" or state.scheduled or (state.state == "failed" and not retry_failed):
+            continue
+        (sweep / "runs" / run.run_id / "STATUS").unlink(missing_ok=True)
+        todo.append(run)
     return todo
 
 
@@ -58,11 +87,28 @@ def execute_run(spec: RunSpec, run_dir: Path) -> str:
         return (run_dir / "STATUS").read_text().strip()
 
 
+# ----------------------------------------------------------------------------------------------
+# executors
+
+
+def launch_runs(sweep: Path, runs: list[PlannedRun], executor: str, options: LaunchOptions,
+                on_done: OnDone = None) -> dict[str, str]:
+    """Run `runs` (each into `sweep/runs/<run-id>/`) on `executor`; {run_id: status line}: the
+    final one ("done", "failed: …", "stopped …"), or "queued as Slurm job <id>" when submitted
+    without `wait`."""
+    if executor == "local":
+        return launch_local(sweep, runs, options.workers or len(os.sched_getaffinity(0)), on_done)
+    job_ids = submit(sweep, runs, options.slurm)
+    if not options.wait:
+        return {run.run_id: f"queued as Slurm job {job}" for run, job in zip(runs, job_ids)}
+    return wait_for(sweep, runs, on_done)
+
+
 def _pin_worker(cpu_sets: "multiprocessing.Queue") -> None:
     os.sched_setaffinity(0, cpu_sets.get())
 
 
-def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done=None) -> dict[str, str]:
+def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done: OnDone = None) -> dict[str, str]:
     """Run `runs` in a pool of `workers` processes; returns {run_id: status}."""
     cpus = sorted(os.sched_getaffinity(0))
     workers = max(1, min(workers, len(cpus), len(runs)))
@@ -80,13 +126,67 @@ def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done=None
     return results
 
 
+def wait_for(sweep: Path, runs: list[PlannedRun], on_done: OnDone = None, poll_s: float = POLL_S) -> dict[str, str]:
+    """Poll the ledger until no run of `runs` is queued or running on Slurm; {run_id: status}."""
+    waiting = {run.run_id: run.spec.train.steps for run in runs}
+    results: dict[str, str] = {}
+    while waiting:
+        for state in run_states(sweep, waiting):
+            if state.state in ("done", "failed") or not state.scheduled:
+                results[state.run_id] = _final(state)
+                del waiting[state.run_id]
+                if on_done:
+                    on_done(state.run_id, results[state.run_id])
+        if waiting:
+            time.sleep(poll_s)
+    return results
+
+
+def _final(state: RunState) -> str:
+    if state.state == "done":
+        return "done"
+    if state.state == "failed":
+        return f"failed: {state.reason}"
+    return f"stopped at step {state.step}: Slurm job {state.job_id} {state.job_state or 'unknown to Slurm'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# what `umv2 sweep run` and `umv2 sweep resume` do
+
+
 def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: int | None = None,
-           retry_failed: bool = False, on_done=None) -> tuple[Path, dict[str, str]]:
-    """Plan, write the sweep directory, and run every run that is not done."""
-    if executor != "local":
-        raise UserError(f"--executor {executor}: only 'local' exists yet; Slurm arrives with the sweep issue")
-    sweep, runs = prepare_sweep(recipe_path, out)
+           slurm: dict | None = None, wait: bool = False, retry_failed: bool = False,
+           on_done: OnDone = None) -> tuple[Path, dict[str, str]]:
+    """Plan, write the sweep directory, and launch every run that is not done. `slurm` holds
+    command-line job options; they override the recipe's [slurm] table."""
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor {executor}: unknown; use one of {', '.join(EXECUTORS)}")
+    overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
+    slurm_options(overrides, where="command line")  # its own problems, named as such
+    sweep, recipe, runs = prepare_sweep(recipe_path, out)
+    options = LaunchOptions(workers, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)), wait)
+    write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
+                                                    "slurm": dataclasses.asdict(options.slurm)}, indent=2) + "\n")
     todo = runs_to_launch(sweep, runs, retry_failed)
-    if not todo:
-        return sweep, {}
-    return sweep, launch_local(sweep, todo, workers or len(os.sched_getaffinity(0)), on_done)
+    return sweep, launch_runs(sweep, todo, executor, options, on_done) if todo else {}
+
+
+def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
+           on_done: OnDone = None) -> dict[str, str]:
+    """Launch the runs of `sweep` that are not done, from its own recipe copy, on the executor
+    and with the options it was last launched with."""
+    if not (sweep / "launch.json").exists():
+        raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
+    last = json.loads((sweep / "launch.json").read_text())
+    options = LaunchOptions(last["workers"], SlurmOptions(**last["slurm"]), wait)
+    todo = runs_to_launch(sweep, build_plan(load_recipe(sweep / "recipe.toml")), retry_failed)
+    return launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {}
+
+
+def cancel_sweep(sweep: Path) -> list[str]:
+    """Cancel the Slurm jobs of `sweep`'s runs that are queued or running (one squeue, one
+    scancel); returns their ids."""
+    states = run_states(sweep, {row["run_id"]: row["steps"] for row in read_plan(sweep)})
+    jobs = [state.job_id for state in states if state.scheduled]
+    cancel(jobs)
+    return jobs

@@ -26,6 +26,11 @@ the matching condition:
     n_trials = 8
     lr = { low = 1e-4, high = 1e-2, log = true }
 
+    [slurm]                              # job options of `--executor slurm` (sweeps/slurm.py); optional
+    partition = "gpu"
+    time = "4:00:00"                     # per job: minutes, or a Slurm time
+    gpus = 1
+
 `load_recipe` reports every problem it finds at once, one line each. The `tuned` file is read by
 the planner (`read_tuned`), so a copy of the recipe elsewhere still loads.
 """
@@ -40,10 +45,12 @@ from typing import Any, Literal
 
 from umv2cli.config import SPARSE_KINDS, ModelConfig, TrainConfig, read_table
 from umv2cli.errors import UserError
+from umv2cli.sweeps.slurm import slurm_table_problems
 
 Match = Literal["fixed-backbone", "iso-activated", "iso-flop"]
 SHORTHANDS = ("sparse_params", "topm")
-TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "tune")
+TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "tune",
+            "slurm")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class Recipe:
     tuned: Path | None = None
     """A best.toml written by `umv2 tune` (relative paths start at the recipe's folder)."""
     tune: TuneSpec | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """Job options for `--executor slurm` (`sweeps.slurm.SLURM_KEYS`); the command line overrides them."""
     source: str = "recipe"
 
     def points(self) -> list[dict[str, Any]]:
@@ -143,6 +152,7 @@ def load_recipe(path: Path) -> Recipe:
             tune = _tune_spec(raw["tune"], grid, {} if train_problems else train)
         except UserError as e:
             problems += [f"{where}: {p}" for p in e.problems]
+    problems += slurm_table_problems(raw.get("slurm", {}), where)
     if problems:
         raise UserError(*problems)
     tuned = Path(raw["tuned"]) if "tuned" in raw else None
@@ -150,7 +160,7 @@ def load_recipe(path: Path) -> Recipe:
                   seeds=tuple(raw.get("seeds", [0])), corner_seeds=tuple(raw.get("corner_seeds", [])),
                   match=raw.get("match", "fixed-backbone"), tokens=_int(raw.get("tokens")), train=train,
                   tuned=tuned if tuned is None or tuned.is_absolute() else path.parent / tuned, tune=tune,
-                  source=where)
+                  slurm=raw.get("slurm", {}), source=where)
 
 
 def _typed(raw: dict, where: str) -> list[str]:

@@ -25,7 +25,7 @@ def test_smoke_sweep_finishes_then_launches_nothing_and_reports_all_done(tmp_pat
     assert code == 0, err
     assert "launched 4 runs (0 not done)" in out
     sweep = tmp_path / "smoke"
-    assert {p.name for p in sweep.iterdir()} == {"recipe.toml", "plan.parquet", "runs"}
+    assert {p.name for p in sweep.iterdir()} == {"recipe.toml", "plan.parquet", "launch.json", "runs"}
     stamps = {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/STATUS")}
     code, out, _ = umv2("sweep", "run", RECIPES / "smoke.toml", "--out", tmp_path)
     assert code == 0 and "launched 0 runs" in out
@@ -56,7 +56,7 @@ def test_a_started_run_resumes_instead_of_starting_over(tmp_path, umv2):
 
     recipe = tmp_path / "micro.toml"
     recipe.write_text(MICRO.format(extra="ckpt_every = 2"))
-    sweep, runs = prepare_sweep(recipe, tmp_path / "out")
+    sweep, _, runs = prepare_sweep(recipe, tmp_path / "out")
     first = runs[0]
     partial = dataclasses.replace(first.spec, train=dataclasses.replace(first.spec.train, steps=2))
     train(partial, sweep / "runs" / first.run_id)  # a run stopped after its step-2 checkpoint …
@@ -72,3 +72,40 @@ def test_a_started_run_resumes_instead_of_starting_over(tmp_path, umv2):
 def test_status_of_a_directory_that_is_no_sweep_exits_2(tmp_path, umv2):
     code, _, err = umv2("sweep", "status", tmp_path)
     assert code == 2 and "no plan.parquet" in err and err.count("\n") == 1
+
+
+def synthetic_sweep(sweep: Path, n: int, steps: int = 200) -> None:
+    """A sweep directory of `n` runs of `steps` logged steps each, as `sweep run` leaves one: 60%
+    done, 10% failed, 20% started and 10% not started."""
+    import polars as pl
+
+    ids = [f"{i:012x}" for i in range(n)]
+    (sweep / "runs").mkdir(parents=True)
+    pl.DataFrame({"run_id": ids, "steps": [steps] * n}).write_parquet(sweep / "plan.parquet")
+    line = {"step": 0, "tokens": 0, "lr": 0.003, "train_loss": 3.1415926, "grad_norm": 0.5, "tokens_per_s": 12345.6}
+    metrics = "".join(json.dumps(line | {"step": s, "tokens": 2048 * s}) + "\n" for s in range(1, steps + 1))
+    for i, run_id in enumerate(ids):
+        run = sweep / "runs" / run_id
+        run.mkdir()
+        if i % 10 < 9:
+            (run / "metrics.jsonl").write_text(metrics)
+        if i % 10 < 6:
+            (run / "STATUS").write_text("done\n")
+        elif i % 10 == 6:
+            (run / "STATUS").write_text("failed: non-finite loss (nan) at step 200\n")
+
+
+def test_status_of_1000_runs_takes_under_a_second(tmp_path, umv2):
+    import time
+
+    from umv2cli.sweeps.ledger import sweep_status
+
+    synthetic_sweep(tmp_path / "big", 1000)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        state = sweep_status(tmp_path / "big")
+        times.append(time.perf_counter() - start)
+    assert (state["done"], state["failed"], state["running"], state["pending"]) == (600, 100, 200, 100)
+    print(f"umv2 sweep status of 1,000 runs: {min(times):.3f} s (best of 3)")
+    assert min(times) < 1.0

@@ -1,12 +1,17 @@
-"""`umv2 sweep plan|run|status`: a recipe's grid of runs, planned, launched and followed."""
+"""`umv2 sweep plan|run|status|cancel|resume`: a recipe's grid of runs, planned, launched and followed."""
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 app = typer.Typer(help="Grids of runs from a recipe.", no_args_is_help=True)
+SLURM = "Slurm (these override the recipe's slurm table)"
+WAIT = "Slurm: return when the launched runs have ended, not once submitted."
+SHOWN = 20
+"""Runs on Slurm that `status` lists before it counts the rest."""
 
 
 @app.command()
@@ -44,15 +49,44 @@ def plan(
 def run(
     recipe: Annotated[Path, typer.Argument(help="A recipe .toml.")],
     out: Annotated[Path, typer.Option(help="Sweeps go to OUT/<recipe name>/.")] = Path("out"),
-    executor: Annotated[str, typer.Option(help="Where runs execute: local (a pool of workers here).")] = "local",
+    executor: Annotated[str, typer.Option(
+        help="Where runs execute: local (a pool of workers here) or slurm (job arrays through submitit).")] = "local",
     workers: Annotated[int | None, typer.Option(min=1, help="Local workers (default: one per CPU).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account.", rich_help_panel=SLURM)] = None,
+    qos: Annotated[str | None, typer.Option(help="Slurm QOS.", rich_help_panel=SLURM)] = None,
+    time: Annotated[str | None, typer.Option(help="Per job: minutes, or a Slurm time such as 4:00:00 (default 60).",
+                                             rich_help_panel=SLURM)] = None,
+    gpus: Annotated[int | None, typer.Option(min=1, help="GPUs per run.", rich_help_panel=SLURM)] = None,
+    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs per run.", rich_help_panel=SLURM)] = None,
+    mem_gb: Annotated[float | None, typer.Option(min=0.001, help="Memory per run in GB.",
+                                                 rich_help_panel=SLURM)] = None,
+    constraint: Annotated[str | None, typer.Option(help="Slurm node constraint.", rich_help_panel=SLURM)] = None,
 ) -> None:
-    """Launch every run of RECIPE that is not done yet; finished runs are never run twice."""
+    """Launch every run of RECIPE that is not done, queued or running; Slurm: submit and return (or --wait)."""
     from umv2cli.sweeps.launch import launch
 
-    sweep, results = launch(recipe, out, executor=executor, workers=workers, retry_failed=retry_failed,
-                            on_done=lambda run_id, status: typer.echo(f"{run_id}: {status}"))
+    slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "gpus": gpus, "cpus": cpus,
+             "mem_gb": mem_gb, "constraint": constraint}
+    sweep, results = launch(recipe, out, executor=executor, workers=workers, slurm=slurm, wait=wait,
+                            retry_failed=retry_failed, on_done=_print_done)
+    _summary(sweep, results)
+
+
+def _print_done(run_id: str, status: str) -> None:
+    typer.echo(f"{run_id}: {status}")
+
+
+def _summary(sweep: Path, results: dict[str, str]) -> None:
+    """The launch's last line; exit code 1 if a run ended without finishing."""
+    queued = [s.removeprefix("queued as Slurm job ") for s in results.values() if s.startswith("queued as Slurm job ")]
+    if queued:
+        arrays = Counter(job.split("_")[0] for job in queued)  # "812_4" → array 812
+        jobs = ", ".join(f"{array} ({n} run{'s' if n > 1 else ''})" for array, n in arrays.items())
+        typer.echo(f"submitted {len(queued)} runs to Slurm as jobs {jobs}; follow them with: umv2 sweep status {sweep}")
+        return
     failed = sum(not s.startswith("done") for s in results.values())
     typer.echo(f"launched {len(results)} runs ({failed} not done); sweep in {sweep}/")
     if failed:
@@ -64,7 +98,7 @@ def status(
     sweep: Annotated[Path, typer.Argument(help="A sweep directory (OUT/<recipe name>).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Counts of done, failed, running and pending runs, failures with reasons, progress and ETA."""
+    """Counts by state (Slurm asked once for all jobs), runs on Slurm, failures with reasons, progress, ETA."""
     from umv2cli.sweeps.ledger import sweep_status
 
     state = sweep_status(sweep)
@@ -73,9 +107,37 @@ def status(
         return
     eta = "" if state["eta_s"] is None else f", ETA {state['eta_s'] / 60:.1f} min"
     typer.echo(f"{state['total']} runs: {state['done']} done, {state['failed']} failed, {state['running']} running, "
-               f"{state['pending']} pending ({100 * state['progress']:.0f}% of steps{eta})")
+               f"{state['queued']} queued, {state['pending']} pending ({100 * state['progress']:.0f}% of steps{eta})")
+    on_slurm = [r for r in state["runs"] if r["job_state"] and r["state"] in ("running", "queued")]
+    for r in on_slurm[:SHOWN]:
+        typer.echo(f"  {r['state']} {r['run_id']}: Slurm job {r['job_id']} {r['job_state']}, "
+                   f"step {r['step']}/{r['steps']}")
+    if len(on_slurm) > SHOWN:
+        typer.echo(f"  … and {len(on_slurm) - SHOWN} more on Slurm (--json lists every run)")
     for failure in state["failures"]:
         typer.echo(f"  failed {failure['run_id']}: {failure['reason']}")
+
+
+@app.command()
+def cancel(sweep: Annotated[Path, typer.Argument(help="A sweep directory (OUT/<recipe name>).")]) -> None:
+    """Cancel the sweep's queued and running Slurm jobs (one scancel); running runs checkpoint first."""
+    from umv2cli.sweeps.launch import cancel_sweep
+
+    jobs = cancel_sweep(sweep)
+    typer.echo(f"cancelled {len(jobs)} Slurm jobs: {' '.join(jobs)}" if jobs
+               else "cancelled nothing: no run of the sweep is queued or running on Slurm")
+
+
+@app.command()
+def resume(
+    sweep: Annotated[Path, typer.Argument(help="A sweep directory (OUT/<recipe name>).")],
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
+) -> None:
+    """Launch the runs of SWEEP that are not done, from its recipe copy, on the executor it was launched with."""
+    from umv2cli.sweeps.launch import resume as relaunch
+
+    _summary(sweep, relaunch(sweep, wait=wait, retry_failed=retry_failed, on_done=_print_done))
 
 
 @app.command()
