@@ -26,6 +26,7 @@ batch_size = 4
 seq_len = 32
 eval_batches = 1
 task_samples = 0
+device = "cpu"
 [grid]
 ffn_hidden = {sizes}
 [slurm]
