@@ -7,7 +7,8 @@ Every run of plan.parquet gets a row, whatever its state. A `done` run carries i
   values_per_layer, density (m/N), activated_params, total_params, flops_per_token (forward),
   tokens, ffn_hidden, match_residual, gpu_hours, steps; plus `match`, the recipe's matching
   condition, and train_flops = 3·flops_per_token·tokens (a training step costs ≈ 3 forwards);
-- status ("done" | "failed" | "running" | "pending"), reason, step (the last logged step);
+- status (`sweeps.ledger.STATES`: done, failed, running, queued, pending), reason, step (the last
+  logged step);
 - loss, the common point that `umv2 fit` fits: the final eval loss, measured after the cooldown;
 - eval_loss (the same, final), train_loss (mean over the last `TRAIN_TAIL` logged steps: one
   batch is noisy), and from eval.json the memory-task accuracies task_* and the UltraMemV2 layer
@@ -34,13 +35,13 @@ from pathlib import Path
 
 from umv2cli.errors import UserError
 from umv2cli.files import write_atomic
+from umv2cli.sweeps.ledger import STATES, RunState, run_states, tail_metrics
 from umv2cli.sweeps.recipe import load_recipe
 
 TRAIN_TAIL = 10
 """train_loss averages the last this many logged steps."""
 TAIL_BYTES = 16_384
 """How much of the end of metrics.jsonl the default path reads (lines are ~150 bytes, eval lines ~600)."""
-STATES = ("done", "failed", "running", "pending")
 
 
 def _facts_schema() -> dict:
@@ -62,8 +63,9 @@ def aggregate(sweep: Path, at_flops: Sequence[float] = ()) -> "pl.DataFrame":
         raise UserError(f"--at-flops {bad[0]:g}: a budget must be a positive number of training FLOPs, e.g. 1e15")
     plan = pl.scan_parquet(sweep / "plan.parquet")
     run_ids = plan.select("run_id").collect()["run_id"].to_list()
-    facts = pl.from_dicts([run_facts(sweep / "runs" / r, r) for r in run_ids], infer_schema_length=None,
-                          schema_overrides=_facts_schema())
+    steps = dict(plan.select("run_id", "steps").collect().iter_rows())
+    facts = pl.from_dicts([run_facts(sweep / "runs" / s.run_id, s) for s in run_states(sweep, steps)],
+                          infer_schema_length=None, schema_overrides=_facts_schema())
     table = (plan.join(facts.lazy(), on="run_id", how="left", maintain_order="left")
              .with_columns(pl.lit(load_recipe(sweep / "recipe.toml").match).alias("match"),
                            train_flops(pl.col("tokens")).alias("train_flops"))
@@ -81,43 +83,18 @@ def aggregate(sweep: Path, at_flops: Sequence[float] = ()) -> "pl.DataFrame":
 
 # ------------------------------------------------------------------------------------- one run's files
 
-def run_facts(run: Path, run_id: str) -> dict:
-    """State, last step, final train loss and the final evaluation of one run, from its STATUS,
-    eval.json and the tail of metrics.jsonl. The state follows `sweeps.ledger.run_state`: STATUS
-    decides done/failed; without one, a run with logged steps is running (or stopped, resumable)."""
-    status = (run / "STATUS").read_text().strip() if (run / "STATUS").exists() else ""
-    tail = tail_metrics(run / "metrics.jsonl")
-    step = tail[-1]["step"] if tail else 0
-    state = ("done" if status == "done" else "failed" if status.startswith("failed")
-             else "running" if step else "pending")
+def run_facts(run: Path, state: RunState) -> dict:
+    """The ledger's state of one run, its final train loss (from the tail of metrics.jsonl) and,
+    when it is done, its final evaluation (eval.json)."""
+    tail = tail_metrics(run, TRAIN_TAIL, TAIL_BYTES)
     losses = [m["train_loss"] for m in tail if "train_loss" in m]
-    facts = {"run_id": run_id, "status": state, "failure": status.removeprefix("failed: ") or None,
-             "step": step, "train_loss": sum(losses) / len(losses) if losses else None, "eval_loss": None}
-    if state == "done" and (run / "eval.json").exists():
+    facts = {"run_id": state.run_id, "status": state.state, "failure": state.reason or None, "step": state.step,
+             "train_loss": sum(losses) / len(losses) if losses else None, "eval_loss": None}
+    if state.state == "done" and (run / "eval.json").exists():
         final = json.loads((run / "eval.json").read_text())
         facts |= {k: float(v) for k, v in final.items()
                   if k == "eval_loss" or k.startswith(("task_", "memory_"))}
     return facts
-
-
-def tail_metrics(path: Path, n: int = TRAIN_TAIL) -> list[dict]:
-    """The last ``n`` complete lines of metrics.jsonl, read from the last TAIL_BYTES of the file (a
-    line cut short by a kill, or by the window's start, is skipped)."""
-    if not path.exists():
-        return []
-    with path.open("rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(0, size - TAIL_BYTES))
-        lines = f.read().split(b"\n")
-    out = []
-    for line in reversed(lines[1:] if size > TAIL_BYTES else lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-        if len(out) == n:
-            break
-    return out[::-1]
 
 
 def eval_curves(sweep: Path, run_ids: list[str]) -> "pl.DataFrame":
@@ -185,6 +162,7 @@ def _reason() -> "pl.Expr":
     return (pl.when(pl.col("status") == "failed").then(pl.col("failure"))
             .when(pl.col("status") == "running")
             .then(pl.format("stopped or running at step {} of {}", pl.col("step"), pl.col("steps")))
+            .when(pl.col("status") == "queued").then(pl.lit("queued on Slurm"))
             .when(pl.col("status") == "pending").then(pl.lit("not started")))
 
 

@@ -87,22 +87,31 @@ def _state(run_id: str, status: str, step: int, steps: int, job_id: str, job_sta
     return state("running" if step else "pending")
 
 
-def last_step(run: Path, tail_bytes: int = 65536) -> int:
-    """The step of the last complete line of metrics.jsonl (0 if none), read from the file's end:
-    a line cut short by a kill is skipped, and the rest of the file is never read."""
+def tail_metrics(run: Path, n: int = 1, tail_bytes: int = 65536) -> list[dict]:
+    """The last ``n`` complete lines of the run's metrics.jsonl, oldest first, read from the file's
+    end: a line cut short by a kill (or by the window's start) is skipped, the rest never read."""
     try:
         with (run / "metrics.jsonl").open("rb") as f:
             size = f.seek(0, 2)
             f.seek(max(0, size - tail_bytes))
             lines = f.read().split(b"\n")
     except FileNotFoundError:
-        return 0
+        return []
+    tail = []
     for line in reversed(lines[1:-1] if size > tail_bytes else lines[:-1]):  # whole lines only
         try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
+            tail.append(json.loads(line))
+        except ValueError:
             continue
-    return 0
+        if len(tail) == n:
+            break
+    return tail[::-1]
+
+
+def last_step(run: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (0 if none)."""
+    tail = tail_metrics(run)
+    return tail[-1]["step"] if tail else 0
 
 
 def read_plan(sweep: Path) -> list[dict]:
