@@ -1,44 +1,15 @@
-"""`umv2 fit` through a Typer root with the real error handling of `umv2cli.cli.app.main`."""
+"""`umv2 fit` through the real app (`umv2` fixture): the printed verdict, the JSON, and bad tables."""
 
 import json
-import sys
 
-import numpy as np
 import polars as pl
 import pytest
-import typer
+from fit_planted import planted_leverage, planted_loglinear
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
-from test_fit import planted_loglinear  # noqa: E402
-
-
-@pytest.fixture
-def fit_cli(capsys):
-    """Run `umv2 fit ARGS…` on a root that registers the command as app.py will; (code, stdout, stderr)."""
-    from umv2cli.cli import fit as fit_cmd
-    from umv2cli.errors import UserError
-
-    app = typer.Typer(pretty_exceptions_show_locals=False)
-    app.command(name="fit")(fit_cmd.fit)
-
-    @app.callback()
-    def root() -> None:
-        """umv2"""
-
-    def run(*args) -> tuple[int, str, str]:
-        try:
-            app(["fit", *map(str, args)])
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        except UserError as e:  # what umv2cli.cli.app.main does
-            for problem in e.problems:
-                print(f"error: {problem}", file=sys.stderr)
-            code = 2
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
+REPORT_FIELDS = {"form", "params", "e_m", "e_P", "R", "R_ci", "verdict", "heldout_rmse", "seed_sigma", "n_runs",
+                 "converged", "start_objectives", "start_objective_spread", "heldout_mae", "extrapolation_rmse",
+                 "forms_heldout", "iso_cost_pairs", "sign_test", "params_ci", "e_m_ci", "e_P_ci", "bootstrap",
+                 "sentence"}
 
 
 @pytest.fixture
@@ -48,48 +19,96 @@ def table(tmp_path):
     return path
 
 
-def test_fit_prints_the_verdict_and_writes_json(fit_cli, table, tmp_path):
-    code, out, err = fit_cli(table, "--bootstrap", "300", "--seed", "3", "--json", tmp_path / "fit.json")
+def test_fit_prints_the_verdict_sentence_and_writes_every_json_field(umv2, table, tmp_path):
+    code, out, err = umv2("fit", table, "--bootstrap", "300", "--seed", "3", "--json", tmp_path / "out" / "fit.json")
     assert code == 0, err
-    assert "verdict: density outranks" in out and "case bootstrap, B = 300" in out
-    report = json.loads((tmp_path / "fit.json").read_text())
-    assert {"form", "params", "e_m", "e_P", "R", "R_ci", "verdict", "heldout_rmse", "seed_sigma", "n_runs"} <= report.keys()
-    assert report["verdict"] == "density outranks" and report["R_ci"][0] > 1 and report["n_runs"] == 32
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fit.json")] == []  # temp file renamed
+    lines = out.splitlines()
+    assert lines[-2] == "verdict: density outranks"
+    # the sentence of scaling-anchors §1.10, filled in
+    assert lines[-1].startswith("Within P ∈ [1e+08, 8e+08], m ∈ [32, 256], D = 4e+09 tokens, backbone N_a = 2e+08, "
+                                "at matched FLOPs/token (±0%), e_m = −0.")
+    assert "(case bootstrap, B = 300, resampling runs): density outranks. The loglinear model predicts 16 held-out " \
+           "configs with MAE" in lines[-1] and lines[-1].endswith("Not tested beyond this range.")
+    assert "density has the lower loss in 14 of 14" in out and "loglinear: 32 runs, 16 configs" in out
+    r = json.loads((tmp_path / "out" / "fit.json").read_text())
+    assert REPORT_FIELDS <= r.keys()
+    assert r["form"] == "loglinear" and set(r["params"]) == {"c0", "a", "b", "c"} and r["n_runs"] == 32
+    assert r["e_m"] < r["e_P"] < 0 and r["R"] == pytest.approx(r["e_m"] / r["e_P"])
+    assert len(r["R_ci"]) == 2 and 1 < r["R_ci"][0] < r["R"] < r["R_ci"][1] and r["verdict"] == "density outranks"
+    assert r["converged"] is True and len(r["start_objectives"]) == 5 and r["start_objective_spread"] < 1e-12
+    assert 0 < r["heldout_rmse"] < 0.05 and 0 < r["extrapolation_rmse"] < 0.05 and 0 < r["seed_sigma"] < 0.05
+    assert r["forms_heldout"]["loglinear"]["loco_configs"] == 16 and "skipped" in r["forms_heldout"]["modulated"]
+    assert len(r["iso_cost_pairs"]) == 14 and r["sign_test"]["density_wins"] == 14
+    assert r["bootstrap"] == {"B": 300, "seed": 3, "unit": "configurations, each with all its runs (seeds)",
+                              "failed": 0}
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["fit.json"]  # the temp file was renamed
 
 
-def test_fit_reads_a_sweep_directory_and_is_deterministic_for_a_seed(fit_cli, table, tmp_path):
+def test_fit_leverage_on_a_dense_ladder_and_a_sparse_grid(umv2, tmp_path):
+    path = tmp_path / "runs.parquet"
+    planted_leverage(0.3, 0.1, -5.5).write_parquet(path)
+    code, out, err = umv2("fit", path, "--form", "leverage", "--bootstrap", "100", "--json", tmp_path / "f.json")
+    assert code == 0, err
+    assert "verdict: count outranks" in out and "leverage: 38 runs, 22 configs" in out
+    r = json.loads((tmp_path / "f.json").read_text())
+    assert r["params"]["u"] == pytest.approx(0.3, abs=0.02) and r["R_ci"][1] < 1
+    assert "loco_rmse" in r["forms_heldout"]["loglinear"]  # the other forms are compared on held-out error
+
+
+def test_fit_reads_a_directory_with_results_parquet_and_is_deterministic_for_a_seed(umv2, table, tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     pl.read_csv(table).write_parquet(sweep / "results.parquet")
-    fit_cli(sweep, "--bootstrap", "200", "--seed", "9", "--json", tmp_path / "a.json")
-    fit_cli(table, "--bootstrap", "200", "--seed", "9", "--json", tmp_path / "b.json")
+    assert umv2("fit", sweep, "--bootstrap", "200", "--seed", "9", "--json", tmp_path / "a.json")[0] == 0
+    assert umv2("fit", table, "--bootstrap", "200", "--seed", "9", "--json", tmp_path / "b.json")[0] == 0
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["R_ci"] == b["R_ci"] and a["params"] == b["params"]
 
 
+def set_row(col, value, row=5):
+    return lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == row).then(value).otherwise(pl.col(col))
+                                      .alias(col))
+
+
 @pytest.mark.parametrize("edit, needle", [
-    (lambda df: df.drop("tokens"), "missing column `tokens`"),
-    (lambda df: df.with_columns(loss=pl.when(pl.int_range(pl.len()) == 5).then(-1.0).otherwise(pl.col("loss"))),
-     "column `loss` row 5"),
-    (lambda df: df.with_columns(topm=pl.col("topm").cast(pl.String) + "x"), "column `topm` is not numeric"),
+    (lambda df: df.drop("tokens"), "missing column `tokens`; the table needs run_id, sparse_params"),
+    (set_row("loss", -1.0), "column `loss` row 5 is -1; it must be positive"),
+    (set_row("flops_per_token", 0.0), "column `flops_per_token` row 5 is 0; it must be positive"),
+    (set_row("tokens", None), "column `tokens` row 5 is empty or not finite; fill or drop the row"),
+    (lambda df: df.with_columns(topm=pl.col("topm").cast(pl.String) + "x"),
+     "column `topm` is not numeric (row 0: '32.0x'); write numbers"),
+    (lambda df: df.head(0), "the table has no rows"),
     (lambda df: df.head(6), "needs ≥ 2 values of sparse_params and of topm"),
     (lambda df: df.filter(pl.col("topm") < 100).filter(pl.col("sparse_params") < 3e8), "sparse configurations"),
 ])
-def test_bad_table_exits_2_with_one_line_naming_the_problem(fit_cli, tmp_path, edit, needle):
+def test_bad_table_exits_2_with_one_line_naming_the_column_and_the_fix(umv2, tmp_path, edit, needle):
     path = tmp_path / "bad.csv"
     edit(planted_loglinear(-0.02, -0.05)).write_csv(path)
-    code, out, err = fit_cli(path, "--bootstrap", "10")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    code, out, err = umv2("fit", path, "--bootstrap", "10")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
 
 
-def test_unreadable_or_missing_file_exits_2(fit_cli, tmp_path):
+def test_leverage_without_a_dense_ladder_names_what_is_missing(umv2, table):
+    code, _, err = umv2("fit", table, "--form", "leverage")
+    assert code == 2 and "needs a dense ladder: ≥ 3 sizes of rows with sparse_params = 0" in err, err
+
+
+def test_unreadable_empty_or_missing_file_exits_2(umv2, tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
-    for path in (tmp_path / "junk.parquet", tmp_path / "absent.csv", tmp_path):
-        code, _, err = fit_cli(path)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for path, needle in [(tmp_path / "junk.parquet", "cannot read as Parquet"),
+                         (tmp_path / "empty.csv", "empty.csv"), (tmp_path / "absent.csv", "no such file"),
+                         (tmp_path / "empty", "no results.parquet")]:
+        code, _, err = umv2("fit", path)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
 
-def test_unknown_form_is_a_usage_error(fit_cli, table):
-    code, _, err = fit_cli(table, "--form", "leverage")
-    assert code == 2 and "leverage" in err
+def test_json_path_that_is_a_directory_exits_2_before_fitting(umv2, table, tmp_path):
+    code, _, err = umv2("fit", table, "--json", tmp_path)
+    assert code == 2 and "--json" in err and "is a directory" in err, err
+
+
+def test_unknown_form_is_a_usage_error(umv2, table):
+    code, _, err = umv2("fit", table, "--form", "joint")
+    assert code == 2 and "joint" in err
