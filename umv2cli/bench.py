@@ -192,3 +192,48 @@ def parse_every_line(paths: list[str]) -> "pl.DataFrame":
 
     return (pl.scan_ndjson(paths, include_file_paths="path", ignore_errors=True).group_by("path")
             .agg(pl.col("step").max(), pl.col("train_loss").tail(10).mean()).collect())
+
+
+# ----------------------------------------------------------------------------------------------
+# fit: the case bootstrap of a 64-run loglinear fit
+
+
+def synthetic_runs(seeds: int = 4, noise: float = 0.01) -> "pl.DataFrame":
+    """A runs table for `umv2 fit`: a 4 × 4 (P, m) grid × `seeds` runs, log L = 1.5 − 0.02·log P − 0.04·log m
+    + 0.001·log P·log m + N(0, noise²)."""
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(0)
+    P, m, seed = (a.ravel() for a in np.meshgrid(2.0 ** np.arange(4) * 1e8, 2.0 ** np.arange(4) * 32,
+                                                 np.arange(seeds), indexing="ij"))
+    lL = 1.5 - 0.02 * np.log(P) - 0.04 * np.log(m) + 0.001 * np.log(P) * np.log(m)
+    return pl.DataFrame({"run_id": [f"run-{i}" for i in range(len(P))], "sparse_params": P, "topm": m,
+                         "activated_params": 2e8, "total_params": 2e8 + P, "tokens": 4e9, "flops_per_token": 4e8,
+                         "seed": seed, "loss": np.exp(lL + noise * rng.standard_normal(len(P)))})
+
+
+def fit_seconds(resamples: int = 2000, seeds: int = 4, repeats: int = 3) -> dict:
+    """Median wall time of the case bootstrap of a `loglinear` fit of 16 configurations × `seeds` runs (64 by
+    default), and of the whole `run_fit` (fit, bootstrap, leave-one-config-out, extrapolation split, iso-cost
+    pairs) that `umv2 fit --bootstrap RESAMPLES` runs; one untimed run first."""
+    import numpy as np
+
+    from umv2cli import fit
+
+    runs = fit.runs_from_frame(synthetic_runs(seeds))
+    centre = fit.design_centre(runs)
+    law = fit.fit_form(runs, "loglinear", centre)
+
+    def timed(fn) -> tuple[float, object]:
+        out, times = fn(), []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), out
+
+    boot_s, boot = timed(lambda: fit.bootstrap(runs, "loglinear", law, centre, resamples, seed=0))
+    run_fit_s, report = timed(lambda: fit.run_fit(runs, "loglinear", resamples, seed=0))
+    return {"runs": len(runs.run_ids), "resamples": resamples, "bootstrap_s": boot_s, "run_fit_s": run_fit_s,
+            "failed": int(np.isnan(boot[:, 0]).sum()), "R": report["R"], "R_ci": report["R_ci"]}

@@ -112,3 +112,10 @@ def test_json_path_that_is_a_directory_exits_2_before_fitting(umv2, table, tmp_p
 def test_unknown_form_is_a_usage_error(umv2, table):
     code, _, err = umv2("fit", table, "--form", "joint")
     assert code == 2 and "joint" in err
+
+
+def test_bench_fit_times_the_bootstrap_of_64_runs(umv2):
+    code, out, err = umv2("bench", "fit", "--resamples", "50", "--repeats", "1", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["runs"] == 64 and r["resamples"] == 50 and r["failed"] == 0, err
+    assert 0 < r["bootstrap_s"] <= r["run_fit_s"] and r["R_ci"][0] < r["R"] < r["R_ci"][1]

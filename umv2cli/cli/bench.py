@@ -69,6 +69,26 @@ def aggregate(
                f"{r['at_flops_s']:.2f} s; parsing every line instead: {r['parse_every_line_s']:.2f} s")
 
 
+@app.command()
+def fit(
+    resamples: Annotated[int, typer.Option(min=1, help="Bootstrap resamples.")] = 2000,
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per configuration of the 4 × 4 grid.")] = 4,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the median is reported).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """The case bootstrap of a loglinear fit of 64 runs (goal: 2,000 resamples under 10 s on 2 cores), and the
+    whole `umv2 fit` computation around it."""
+    from umv2cli.bench import fit_seconds
+
+    r = fit_seconds(resamples, seeds, repeats)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    typer.echo(f"loglinear, {r['runs']} runs, {r['resamples']} resamples: bootstrap {r['bootstrap_s']:.2f} s "
+               f"({r['failed']} failed), whole fit {r['run_fit_s']:.2f} s; R = {r['R']:.3g} "
+               f"[{r['R_ci'][0]:.3g}, {r['R_ci'][1]:.3g}]")
+
+
 def _print_rows(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
