@@ -21,6 +21,7 @@ dataclasses check the values), never parsed again; accounting is computed once p
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -56,6 +57,14 @@ def run_id(spec: RunSpec) -> str:
 
 def build_plan(recipe: Recipe, *, mfu: float = 0.3) -> list[PlannedRun]:
     """Every run of the recipe, in grid order; all problems of all grid points at once."""
+    gc.disable()  # a plan allocates objects and frees none: the cycle collector would only re-scan them
+    try:
+        return _build_plan(recipe, mfu)
+    finally:
+        gc.enable()
+
+
+def _build_plan(recipe: Recipe, mfu: float) -> list[PlannedRun]:
     bases = resolve_bases(recipe)
     tuned = read_tuned(recipe.tuned, recipe.grid) if recipe.tuned else None
     _raise(value_type_problems(recipe, bases))

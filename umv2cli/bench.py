@@ -66,17 +66,17 @@ def train_overhead(preset: str, *, steps: int = 40, warmup: int = 5, batch_size:
 # plan: a side × side grid of distinct configs
 
 
-def plan_seconds(side: int = 100, repeats: int = 3) -> dict:
+def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> dict:
     """Median wall time of reading and planning a side × side recipe (sparse_params × topm of
-    ultramemv2-227m, iso-FLOP, so every run is a distinct config that is sized and matched), and of
-    the JSON `umv2 sweep plan --json` prints; imports and one small plan come first, untimed."""
+    ultramemv2-227m: every run a distinct config whose table is sized, then matched), and of the
+    JSON `umv2 sweep plan --json` prints; imports and one small plan come first, untimed."""
     import json
 
     from umv2cli.sweeps.plan import build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
     knums = range(20, 20 + side)  # 20 layers × (D_v + D_p = 384) values of knum² rows: knum = k exactly
-    text = (f'model = "ultramemv2-227m"\nmatch = "iso-flop"\ntokens = 1e9\n[grid]\n'
+    text = (f'model = "ultramemv2-227m"\nmatch = "{match}"\ntokens = 1e9\n[grid]\n'
             f"sparse_params = {[20 * 384 * k * k for k in knums]}\ntopm = {list(range(1, side + 1))}\n")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "grid.toml"
@@ -94,7 +94,7 @@ def plan_seconds(side: int = 100, repeats: int = 3) -> dict:
             for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                 times[key].append(seconds)
     medians = {key: statistics.median(v) for key, v in times.items()}
-    return {"runs": len(runs), **medians, "total_s": sum(medians.values())}
+    return {"runs": len(runs), "match": match, **medians, "total_s": sum(medians.values())}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -95,3 +95,22 @@ def test_plan_json_has_the_columns_the_fit_needs(umv2):
     assert code == 0 and len(rows) == 4
     assert {"run_id", "sparse_params", "topm", "density", "activated_params", "total_params", "tokens",
             "flops_per_token", "seed", "gpu_hours"} <= rows[0].keys()
+
+
+def test_a_run_id_is_the_hash_of_the_specs_json():
+    import hashlib
+
+    for run in build_plan(load_recipe(RECIPES / "moe-parity-1gpu.toml")):
+        canonical = json.dumps(run.spec.to_dict(), sort_keys=True).encode()
+        assert run.run_id == hashlib.sha256(canonical).hexdigest()[:12]
+
+
+def test_a_tuned_file_gives_each_group_its_train_fields_and_must_cover_every_group(tmp_path, umv2):
+    from umv2cli.sweeps.recipe import Tuned, write_tuned
+
+    write_tuned(tmp_path / "best.toml", Tuned("topm", {"4": {"lr": 0.01}, "16": {"lr": 0.002}}), {})
+    text = 'model = "tiny-ultramemv2"\ntuned = "best.toml"\n[train]\nlr = 0.5\nwarmup = 0.1\n[grid]\ntopm = {}\n'
+    runs = build_plan(load_recipe(recipe(tmp_path, text.format("[4, 16]"))))
+    assert [(r.spec.train.lr, r.spec.train.warmup) for r in runs] == [(0.01, 0.1), (0.002, 0.1)]
+    code, _, err = umv2("sweep", "plan", recipe(tmp_path, text.format("[4, 8, 16]")))
+    assert code == 2 and err.count("\n") == 1 and "groups.8: missing" in err

@@ -36,16 +36,18 @@ def train_overhead(
 def plan(
     side: Annotated[int, typer.Option(min=1, help="The grid is SIDE sizes × SIDE top-m.")] = 100,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the median is reported).")] = 3,
+    match: Annotated[str, typer.Option(help="The recipe's matching: iso-flop, iso-activated or fixed-backbone.")]
+    = "iso-flop",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Reading and planning a SIDE × SIDE recipe of distinct configs (goal: 10,000 runs under 2 s)."""
     from umv2cli.bench import plan_seconds
 
-    r = plan_seconds(side, repeats)
+    r = plan_seconds(side, repeats, match)
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    typer.echo(f"{r['runs']} runs: read {r['load_s']:.3f} s, plan {r['plan_s']:.2f} s, rows to JSON "
+    typer.echo(f"{r['runs']} runs ({r['match']}): read {r['load_s']:.3f} s, plan {r['plan_s']:.2f} s, rows to JSON "
                f"{r['json_s']:.2f} s; {r['total_s']:.2f} s in all")
 
 

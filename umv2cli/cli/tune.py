@@ -1,4 +1,4 @@
-"""`umv2 tune RECIPE`: Optuna studies over the recipe's [tune] table, best values to best.toml."""
+"""`umv2 tune RECIPE`: Optuna studies over the recipe's [tune] table; the best values go to best.toml."""
 
 from pathlib import Path
 from typing import Annotated
@@ -7,7 +7,7 @@ import typer
 
 
 def tune(
-    recipe: Annotated[Path, typer.Argument(help="A recipe .toml with a [tune] table (see the README).")],
+    recipe: Annotated[Path, typer.Argument(help="A recipe .toml with a tune table (see the README).")],
     out: Annotated[Path, typer.Option(help="Studies, trials and best.toml go to OUT/<recipe name>/.")] = Path("out"),
     executor: Annotated[str, typer.Option(help="Where trials train: local (a pool of workers here).")] = "local",
     workers: Annotated[int | None, typer.Option(min=1, help="Trials at once (default: one per CPU).")] = None,
@@ -15,7 +15,7 @@ def tune(
     storage: Annotated[str | None, typer.Option(help="A PostgreSQL/MySQL URL instead of the journal file "
                                                      "OUT/<name>/tune.journal.")] = None,
 ) -> None:
-    """Search the [tune] fields (e.g. the learning rate per size group); running it again continues the studies."""
+    """Search the fields of RECIPE's tune table (e.g. the learning rate per size group); run it again to continue."""
     from umv2cli.errors import UserError
     from umv2cli.sweeps.tune import tune as run_studies
 
