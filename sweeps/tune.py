@@ -2,37 +2,39 @@
 recipe's `tuned` key reads.
 
 Reads the recipe; writes `<out>/<name>/tune.journal` (the studies, unless `storage` names a
-database), `trials/<run-id>/` (one training run per trial, the files of a sweep's run) and
-`best.toml` (`recipe.write_tuned`: the best trial's [train] values per group).
+database), `trials/runs/<run-id>/` (one training run per trial, the files of a sweep's run; on
+Slurm also `trials/jobs.jsonl` and `trials/slurm/`) and `best.toml` (`recipe.write_tuned`: the best
+trial's [train] values per group).
 
 1. Groups. [tune] group_by names a grid axis: one study per value of it ("lr per model size"); a
    trial trains that value's grid point with every other axis at its middle value, at the recipe's
    first seed, with the token budget of the sweep. Without group_by there is one study, "all", at
    the grid's middle point.
 2. Trials. The driver asks a study for the next values (TPE: half the trials random, then
-   guided; a constant liar keeps parallel trials apart), and a worker process trains them: a
-   `RunSpec` run in trials/<run-id>/, like a sweep's, evaluated `evals` times.
-3. Pruning. At each evaluation the worker reports the metric to the study and stops the run when
-   the median pruner says so (the trial is PRUNED; its run could resume).
+   guided; a constant liar keeps parallel trials apart) and trains them as a `RunSpec` run,
+   evaluated `evals` times, on the sweep's executors: locally in a pool of worker processes, each
+   pinned to its own share of the CPUs; or on Slurm, one job per trial through
+   `sweeps.slurm.submit`, requeued from its checkpoint when preempted.
+3. Pruning. Each evaluation's metric is reported to the study, and a trial that the median pruner
+   stops is PRUNED (its run could resume). Locally the worker reports and stops its run itself; on
+   Slurm the driver reads the run's metrics as they come and cancels the job.
 4. Failures. A run that diverges (NaN/Inf: `RunFailed`) is a FAIL trial with the run's reason and
-   is tried again, up to `retries` times, with the next seed. A trial left RUNNING by a tune that
-   was killed is marked FAIL when tune starts again and retried with the same seed: its run
-   resumes from its checkpoint. (optuna's RetryFailedTrialCallback needs heartbeats, which the
-   journal storage does not have, so this is its equivalent.)
+   is tried again, up to `retries` times, with the next seed. A trial whose worker or job died
+   (a killed tune, a failed Slurm job) is FAIL too, and retried with the same seed: its run resumes
+   from its checkpoint. (optuna's RetryFailedTrialCallback needs heartbeats, which the journal
+   storage does not have, so this is its equivalent.)
 5. Storage. By default a `JournalStorage` on `tune.journal` (`JournalFileBackend` with a symlink
    lock, which works on NFS too): an append-only log that many workers can share. `storage` may
    instead be a PostgreSQL/MySQL URL. Never SQLite: it locks up with parallel workers and breaks on
    network filesystems (optuna #820, #4994). Running tune again continues the same studies.
 6. Budget. Each study runs until it has `n_trials` trials that are not retries, and its retries.
-
-The local executor is a pool of worker processes, each pinned to its own share of the CPUs, as
-`sweeps.launch` runs a sweep.
 """
 
 import dataclasses
 import math
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -40,39 +42,52 @@ from typing import Any
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
-from umv2cli.sweeps.plan import build_plan, run_id
+from umv2cli.sweeps.plan import PlannedRun, build_plan, run_id
 from umv2cli.sweeps.recipe import Recipe, TuneSpec, Tuned, group_key, load_recipe, write_tuned
 
 JOURNAL = "tune.journal"
+POLL_S = 3.0
+"""Seconds between two looks at the trials running on Slurm."""
+SLURM_TRIALS = 4
+"""Trials at once on Slurm unless --workers says otherwise."""
 
 
-def tune(recipe_path: Path, out: Path, *, storage: str | None = None, workers: int | None = None,
-         n_trials: int | None = None, on_trial: Callable[[str, Any], None] | None = None) -> tuple[Path, dict]:
+def tune(recipe_path: Path, out: Path, *, executor: str = "local", storage: str | None = None,
+         workers: int | None = None, n_trials: int | None = None,
+         on_trial: Callable[[str, Any], None] | None = None) -> tuple[Path, dict]:
     """Run (or continue) every study of the recipe and write best.toml; returns the folder and each
     group's summary: its best value and values (None when no trial completed), trials by state."""
     import optuna
 
     from umv2cli.data import open_data
+    from umv2cli.sweeps.slurm import slurm_options
 
     recipe = load_recipe(recipe_path)
     if recipe.tune is None:
         raise UserError(f"{recipe_path}: no [tune] table; add one, e.g. [tune] with lr = {{low = 1e-4, high = 1e-2, "
                         "log = true}")
+    if executor not in ("local", "slurm"):
+        raise UserError(f"--executor {executor}: must be local or slurm")
     spec = recipe.tune if n_trials is None else dataclasses.replace(recipe.tune, n_trials=n_trials)
     bases = group_specs(recipe)
-    open_data(recipe.data)  # a missing data folder stops us before anything is written
+    slurm = slurm_options(recipe.slurm, where=str(recipe_path)) if executor == "slurm" else None
+    if executor == "local":
+        open_data(recipe.data)  # a missing data folder stops us before anything is written
     folder = out / recipe.name
     storage_spec = storage or str(folder / JOURNAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_storage(storage_spec)
-    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    (folder / "trials" / "runs").mkdir(parents=True, exist_ok=True)
     studies = {group: open_study(store, f"{recipe.name}/{group}", spec) for group in bases}
     for group, study in studies.items():
         for trial in retry_stale(study, store, spec):
             if on_trial:
                 on_trial(group, trial)
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0))))
-    _drive(studies, bases, spec, storage_spec, folder, workers, on_trial)
+    if slurm is None:
+        cpus = len(os.sched_getaffinity(0))
+        _drive_local(studies, bases, spec, storage_spec, folder / "trials", min(workers or cpus, cpus), on_trial)
+    else:
+        _drive_slurm(studies, bases, spec, folder / "trials", slurm, workers or SLURM_TRIALS, on_trial)
     summary = {group: summarize(study) for group, study in studies.items()}
     best = {g: s for g, s in summary.items() if s["best_value"] is not None}
     if best:
@@ -107,32 +122,16 @@ def trial_spec(base: RunSpec, params: dict[str, Any], seed_offset: int, evals: i
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. trials: asked and told here, trained in a worker
+# 2.-3. trials: asked and told here, trained by a worker or a Slurm job
 
 
-def _drive(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, storage_spec: str, folder: Path,
-           workers: int, on_trial) -> None:
-    """Keep `workers` trials training until every study has its trials."""
-    pending: dict[Future, tuple[str, Any]] = {}
-    with _pool(workers) as pool:
-        while True:
-            for group, study in studies.items():
-                while len(pending) < workers and has_work(study, spec):
-                    trial = study.ask(distributions(spec))
-                    run = trial_spec(bases[group], trial.params, trial.user_attrs.get("seed_offset", 0), spec.evals)
-                    run_dir = folder / "trials" / run_id(run)
-                    trial.set_user_attr("run_id", run_dir.name)
-                    # the worker rebuilds the trial from its storage id, which only `_trial_id` holds
-                    pending[pool.submit(run_trial, storage_spec, study.study_name, trial._trial_id, run, run_dir,
-                                        spec.metric, spec.prune)] = (group, trial)
-            if not pending:
-                return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                group, trial = pending.pop(future)
-                told = tell(studies[group], trial, future.result(), spec)
-                if on_trial:
-                    on_trial(group, told)
+def ask(study, spec: TuneSpec, base: RunSpec) -> tuple[Any, PlannedRun]:
+    """The study's next trial and its run (the retry of a failed trial when one waits)."""
+    trial = study.ask(distributions(spec))
+    run = trial_spec(base, trial.params, trial.user_attrs.get("seed_offset", 0), spec.evals)
+    planned = PlannedRun(run_id(run), run, {})
+    trial.set_user_attr("run_id", planned.run_id)
+    return trial, planned
 
 
 def distributions(spec: TuneSpec) -> dict:
@@ -149,6 +148,40 @@ def has_work(study, spec: TuneSpec) -> bool:
     trials = study.get_trials(deepcopy=False)
     fresh = sum("retry_of" not in t.user_attrs for t in trials)
     return fresh < spec.n_trials or any(t.state == TrialState.WAITING for t in trials)
+
+
+def _drive_local(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, storage_spec: str, trials: Path,
+                 workers: int, on_trial) -> None:
+    """Keep `workers` trials training here until every study has its trials."""
+    pending: dict[Future, tuple[str, Any]] = {}
+    with _pool(workers) as pool:
+        while True:
+            for group, study in studies.items():
+                while len(pending) < workers and has_work(study, spec):
+                    trial, run = ask(study, spec, bases[group])
+                    # the worker rebuilds the trial from its storage id, which only `_trial_id` holds
+                    pending[pool.submit(run_trial, storage_spec, study.study_name, trial._trial_id, run.spec,
+                                        trials / "runs" / run.run_id, spec.metric, spec.prune)] = (group, trial)
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                group, trial = pending.pop(future)
+                told = tell(studies[group], trial, future.result(), spec)
+                if on_trial:
+                    on_trial(group, told)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes pinned to their own CPU shares (as `sweeps.launch.launch_local`)."""
+    from umv2cli.sweeps.launch import _pin_worker
+
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = multiprocessing.get_context("spawn").Queue()
+    for w in range(workers):
+        shares.put(set(cpus[w::workers]))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
+                               initargs=(shares,))
 
 
 def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, run_dir: Path, metric: str,
@@ -175,15 +208,91 @@ def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, 
     except optuna.TrialPruned:
         return {"state": "pruned", **last, "reason": f"pruned at step {last['step']}"}
     except RunFailed:
-        return {"state": "failed", **last, "reason": (run_dir / "STATUS").read_text().strip()}
+        return {"state": "failed", **last, "reason": (run_dir / "STATUS").read_text().strip(), "seed_step": 1}
     value = result.final.get(metric, math.nan)
     if result.status != "done" or not math.isfinite(value):
-        return {"state": "failed", **last, "reason": f"{result.status}; {metric} = {value}"}
+        return {"state": "failed", **last, "reason": f"{result.status}; {metric} = {value}", "seed_step": 1}
     return {"state": "complete", "step": result.step, "value": value, "reason": ""}
 
 
+@dataclasses.dataclass
+class _SlurmTrial:
+    group: str
+    trial: Any
+    run: PlannedRun
+    job_id: str
+    reported: int = 0
+    """The last step whose evaluation was reported to the study."""
+    pruned: bool = False
+
+
+def _drive_slurm(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, trials: Path, options, parallel: int,
+                 on_trial) -> None:
+    """Keep `parallel` trials as Slurm jobs until every study has its trials. Every POLL_S the
+    driver reports new evaluations from each run's metrics, cancels the jobs of pruned trials, and
+    tells the study about the runs that ended (one scheduler query for all of them)."""
+    from umv2cli.sweeps.ledger import run_states
+    from umv2cli.sweeps.slurm import cancel, submit
+
+    pending: dict[str, _SlurmTrial] = {}
+    while True:
+        for group, study in studies.items():
+            while len(pending) < parallel and has_work(study, spec):
+                trial, run = ask(study, spec, bases[group])
+                (job_id,) = submit(trials, [run], options)
+                pending[run.run_id] = _SlurmTrial(group, trial, run, job_id)
+        if not pending:
+            return
+        time.sleep(POLL_S)
+        states = run_states(trials, {r: p.run.spec.train.steps for r, p in pending.items()})
+        for state in states:
+            p = pending[state.run_id]
+            run_dir = trials / "runs" / state.run_id
+            p.reported = report_evaluations(p.trial, run_dir, spec.metric, p.reported)
+            if spec.prune and not p.pruned and p.reported and p.trial.should_prune():
+                cancel([p.job_id])  # the run checkpoints on the signal and stops
+                p.pruned = True
+            if state.state in ("done", "failed") or not state.scheduled:
+                del pending[state.run_id]
+                told = tell(studies[p.group], p.trial, slurm_outcome(state, p, run_dir, spec.metric), spec)
+                if on_trial:
+                    on_trial(p.group, told)
+
+
+def report_evaluations(trial, run_dir: Path, metric: str, after: int) -> int:
+    """Report the run's evaluations after step `after` to the study; the last step reported."""
+    from umv2cli.train import read_metrics
+
+    for line in read_metrics(run_dir):
+        if "eval_loss" in line and line["step"] > after:
+            trial.report(line[metric], line["step"])
+            after = line["step"]
+    return after
+
+
+def slurm_outcome(state, p: _SlurmTrial, run_dir: Path, metric: str) -> dict[str, Any]:
+    """A trial's outcome from its run's state once its job has ended."""
+    from umv2cli.sweeps.ledger import tail_metrics
+
+    if state.state == "done":
+        value = tail_metrics(run_dir)[-1].get(metric, math.nan)
+        if math.isfinite(value):
+            return {"state": "complete", "step": state.step, "value": value, "reason": ""}
+        return {"state": "failed", "step": state.step, "reason": f"{metric} = {value}", "seed_step": 1}
+    if p.pruned:
+        return {"state": "pruned", "step": p.reported, "reason": f"pruned at step {p.reported}"}
+    own = (run_dir / "STATUS").exists()  # the run's own failure (NaN/Inf), else its job's
+    reason = state.reason or f"its Slurm job {p.job_id} ended ({state.job_state or 'gone'}) at step {state.step}"
+    return {"state": "failed", "step": state.step, "reason": reason, "seed_step": 1 if own else 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. outcomes, failures and retries
+
+
 def tell(study, trial, outcome: dict[str, Any], spec: TuneSpec):
-    """Record the worker's outcome; a failed trial is retried with the next seed. Returns the
+    """Record a trial's outcome; a failed one is retried, with the next seed after a divergence
+    ("seed_step" 1), with the same one (resuming its run) after a lost worker or job. Returns the
     finished trial."""
     from optuna.trial import TrialState
 
@@ -193,7 +302,7 @@ def tell(study, trial, outcome: dict[str, Any], spec: TuneSpec):
     if outcome["state"] == "pruned":
         return study.tell(trial, state=TrialState.PRUNED)
     told = study.tell(trial, state=TrialState.FAIL)
-    retry(study, told, spec, seed_step=1)
+    retry(study, told, spec, seed_step=outcome["seed_step"])
     return told
 
 
@@ -273,19 +382,3 @@ def pruner(prune: bool):
     import optuna
 
     return optuna.pruners.MedianPruner(n_startup_trials=2) if prune else optuna.pruners.NopPruner()
-
-
-# ----------------------------------------------------------------------------------------------
-# the local executor
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes pinned to their own CPU shares (as `sweeps.launch.launch_local`)."""
-    from umv2cli.sweeps.launch import _pin_worker
-
-    cpus = sorted(os.sched_getaffinity(0))
-    shares = multiprocessing.get_context("spawn").Queue()
-    for w in range(workers):
-        shares.put(set(cpus[w::workers]))
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
-                               initargs=(shares,))

@@ -11,11 +11,13 @@ from umv2cli.sweeps.plan import build_plan, run_id
 from umv2cli.sweeps.recipe import load_recipe
 from umv2cli.sweeps.tune import JOURNAL, group_specs, open_storage, open_study, run_trial, trial_spec
 
+from test_slurm import cluster  # noqa: F401  the fixture of test_slurm.py: the cluster's CPUs, or a skip
+
 RECIPE = """name = "tiny"
 model = "tiny-dense"
 {top}
 [train]
-steps = 20
+steps = {steps}
 batch_size = 2
 seq_len = 32
 eval_batches = 1
@@ -26,9 +28,10 @@ ffn_hidden = [32, 48]
 """
 
 
-def write(tmp_path: Path, name: str = "r.toml", top: str = "", train: str = "", tune: str = "") -> Path:
+def write(tmp_path: Path, name: str = "r.toml", *, top: str = "", train: str = "", tune: str = "",
+          steps: int = 20) -> Path:
     path = tmp_path / name
-    path.write_text(RECIPE.format(top=top, train=train) + (f"[tune]\n{tune}\n" if tune else ""))
+    path.write_text(RECIPE.format(top=top, train=train, steps=steps) + (f"[tune]\n{tune}\n" if tune else ""))
     return path
 
 
@@ -52,7 +55,7 @@ def test_tune_writes_each_groups_best_trial_and_running_again_continues_the_stud
         best = min(done, key=lambda t: t.value)
         written = best_file["groups"][group]
         assert written["train"] == {"lr": best.params["lr"]} and written["eval_loss"] == best.value
-        eval_json = json.loads((folder / "trials" / written["run_id"] / "eval.json").read_text())
+        eval_json = json.loads((folder / "trials" / "runs" / written["run_id"] / "eval.json").read_text())
         assert eval_json["eval_loss"] == best.value  # the value is the best trial's final eval loss
         first[group] = [(t.params, t.value) for t in done]
 
@@ -83,7 +86,7 @@ def test_a_diverging_trial_is_recorded_failed_and_retried_with_the_next_seed(tmp
     assert all("non-finite" in t.user_attrs["reason"] for t in failed)
     assert failed[1].user_attrs["retry_of"] == 0 and failed[1].user_attrs["seed_offset"] == 1
     assert failed[1].params == failed[0].params
-    runs = [folder / "trials" / t.user_attrs["run_id"] for t in failed]
+    runs = [folder / "trials" / "runs" / t.user_attrs["run_id"] for t in failed]
     assert [json.loads((r / "spec.json").read_text())["train"]["seed"] for r in runs] == [0, 1]
     assert all((r / "STATUS").read_text().startswith("failed: non-finite") for r in runs)
     assert not (folder / "best.toml").exists()
@@ -110,7 +113,7 @@ def test_a_trial_left_running_by_a_killed_tune_is_retried_and_its_run_resumes(tm
     study.enqueue_trial({"lr": 0.01})
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2)})  # RUNNING, as when killed
     spec = trial_spec(group_specs(recipe)["all"], trial.params, 0, recipe.tune.evals)
-    run_dir = folder / "trials" / run_id(spec)
+    run_dir = folder / "trials" / "runs" / run_id(spec)
     trial.set_user_attr("run_id", run_dir.name)
     with pytest.raises(Killed):
         train(spec, run_dir, on_step=kill_at_step_12)
@@ -153,3 +156,45 @@ def test_bad_storage_and_a_recipe_without_tune_exit_2_and_write_nothing(tmp_path
     code, _, err = umv2("tune", plain, "--out", tmp_path / "out")
     assert code == 2 and "no [tune] table" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.toml", "r.toml"]
+
+
+# ----------------------------------------------------------------------------------------------
+# on Slurm (skipped without a reachable cluster; `sudo .ci/slurm-up` starts one, .ci/run does in CI)
+
+SLURM = '[slurm]\ncpus = 1\ntime = 60\n'
+
+
+def test_tune_on_slurm_trains_each_trial_as_a_job(cluster, tmp_path, umv2):
+    recipe = write(tmp_path, train='device = "cpu"', tune="n_trials = 2\nprune = false\n"
+                                                          "lr = { low = 1e-3, high = 3e-2, log = true }\n" + SLURM)
+    code, out, err = umv2("tune", recipe, "--out", tmp_path / "out", "--executor", "slurm")
+    folder = tmp_path / "out" / "tiny"
+    assert code == 0, err
+    done = trials(folder, "all")
+    assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
+    jobs = [json.loads(line) for line in (folder / "trials" / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(j["run_id"] for j in jobs) == sorted(t.user_attrs["run_id"] for t in done)  # one job each
+    best = min(done, key=lambda t: t.value)
+    assert tomllib.loads((folder / "best.toml").read_text())["groups"]["all"]["eval_loss"] == best.value
+    final = json.loads((folder / "trials" / "runs" / best.user_attrs["run_id"] / "eval.json").read_text())
+    assert final["eval_loss"] == best.value
+
+
+def test_tune_on_slurm_cancels_the_job_of_a_pruned_trial(cluster, tmp_path, umv2):
+    from umv2cli.train import read_metrics
+
+    recipe_path = write(tmp_path, train='device = "cpu"', steps=3000,
+                        tune="n_trials = 3\nlr = { low = 1e-3, high = 3e-2 }\n" + SLURM)
+    recipe = load_recipe(recipe_path)
+    folder = tmp_path / "out" / "tiny"
+    study = open_study(open_storage(str(folder / JOURNAL)), "tiny/all", recipe.tune)
+    dists = {"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2)}
+    for lr in (0.002, 0.004):  # two finished trials far better at every evaluation: the third is pruned
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dists, value=0.5,
+                                                  intermediate_values={s: 0.5 for s in range(600, 3001, 600)}))
+    code, out, err = umv2("tune", recipe_path, "--out", tmp_path / "out", "--executor", "slurm")
+    assert code == 0, err
+    pruned = trials(folder, "all")[-1]
+    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [600]
+    run_dir = folder / "trials" / "runs" / pruned.user_attrs["run_id"]
+    assert not (run_dir / "STATUS").exists() and read_metrics(run_dir)[-1]["step"] < 3000  # stopped early

@@ -9,25 +9,24 @@ import typer
 def tune(
     recipe: Annotated[Path, typer.Argument(help="A recipe .toml with a tune table (see the README).")],
     out: Annotated[Path, typer.Option(help="Studies, trials and best.toml go to OUT/<recipe name>/.")] = Path("out"),
-    executor: Annotated[str, typer.Option(help="Where trials train: local (a pool of workers here).")] = "local",
-    workers: Annotated[int | None, typer.Option(min=1, help="Trials at once (default: one per CPU).")] = None,
+    executor: Annotated[str, typer.Option(help="Where trials train: local (a pool of workers here) or slurm "
+                                                "(a job per trial, options from the recipe's slurm table).")] = "local",
+    workers: Annotated[int | None, typer.Option(min=1, help="Trials at once (default: one per CPU here, "
+                                                             "4 on Slurm).")] = None,
     n_trials: Annotated[int | None, typer.Option(min=1, help="Trials per study (default: the recipe's).")] = None,
     storage: Annotated[str | None, typer.Option(help="A PostgreSQL/MySQL URL instead of the journal file "
                                                      "OUT/<name>/tune.journal.")] = None,
 ) -> None:
     """Search the fields of RECIPE's tune table (e.g. the learning rate per size group); run it again to continue."""
-    from umv2cli.errors import UserError
     from umv2cli.sweeps.tune import tune as run_studies
-
-    if executor != "local":
-        raise UserError(f"--executor {executor}: tune runs its trials locally for now; use --executor local")
 
     def show(group: str, trial) -> None:
         values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         result = f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else trial.user_attrs.get("reason", "")
         typer.echo(f"{group}: trial {trial.number} {values}: {trial.state.name.lower()}, {result}")
 
-    folder, summary = run_studies(recipe, out, storage=storage, workers=workers, n_trials=n_trials, on_trial=show)
+    folder, summary = run_studies(recipe, out, executor=executor, storage=storage, workers=workers,
+                                  n_trials=n_trials, on_trial=show)
     for group, s in summary.items():
         best = "no trial completed" if s["best_value"] is None else f"best {s['best_value']:.4f} {s['best_params']}"
         typer.echo(f"{group}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed; {best}")
