@@ -71,17 +71,28 @@ def rank1_vectors(
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton (code-anchors "Implications": K1 tdqkr_select). One program per token does steps 4-6 in
-# registers: it reads the token's 2·r·n scores once, keeps the k_rc candidates of each side and
-# the k_rc² grid on chip, and writes only the m selections. Ranking works on packed int64 keys,
+# Triton (code-anchors "Implications": K1 tdqkr_select). One program per token does steps 4-6 on
+# chip: it reads the token's 2·r·n scores once, keeps the k_rc candidates of each side, and writes
+# only the m selections; the k_rc² grid never leaves it. Ranking works on packed int64 keys,
 #
 #     key = (order-preserving bits of the fp32 score) << 32 | (2³² − 1 − id),
 #
-# so one integer top-k (`tl.topk`, a bitonic network) sorts by score, best first, and breaks ties
+# so an integer top-k (`tl.topk`, a bitonic network) sorts by score, best first, and breaks ties
 # toward the lower id: the lower key id n in the prefilter and the lower virtual cell row·n + col
-# in the final top-m. (`torch.topk`, and so the reference, leaves the order among equal scores
+# in the final top-m. Keys are unique, so the result does not depend on the order in which cells
+# are ranked. (`torch.topk`, and so the reference, leaves the order among equal scores
 # unspecified.) Scores are ranked in fp32 whatever the input dtype; the per-core scores of the m
 # winners are recomputed from the gathered rank scores, which is cheaper than keeping C grids.
+#
+# The grid streams through in tiles of BLOCK_I × BLOCK_J cells against a running top-m: one
+# top-k over all k_rc² cells (16,384 at k_rc = 128) spilled registers and cost a network of
+# ~k_rc² log²m compare-swaps. A tile whose best key is below the running m-th key is skipped
+# unranked; the others are ranked and merged in (a bitonic merge). The candidates come best
+# first by the rank-1 prefilter score, which predicts the grid score (exactly, where Σ_c C_c has
+# rank 1), so the running m-th key rises early and most tiles are skipped: at k_rc = 128 ranking
+# every tile takes 3.5-3.7× longer, with uniform and with normal random cores (BENCHMARKS.md,
+# K1). Inputs whose grid improves tile after tile in that order would be that slow; the result
+# is exact either way.
 #
 # Backward, per token: with the m selections (row_j, col_j) fixed,
 #     ∂S_row[r, row_j] += Σ_c ∂s_{j,c} Σ_s C_c[r, s] S_col[s, col_j]
@@ -142,6 +153,20 @@ def _prefilter(S, W, R, N, offs_r, mask_r, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
+def _kth_key(run_M, k, BLOCK_M: tl.constexpr):
+    """The k-th key (1-based, k ≤ BLOCK_M) of a descending run of keys."""
+    return tl.max(tl.where(tl.arange(0, BLOCK_M) == k - 1, run_M, _INT64_MIN), axis=0)
+
+
+@triton.jit
+def _merge_top(run_M, top_M):
+    """Two descending runs of BLOCK_M keys → the BLOCK_M largest of both, descending. Against the
+    other run reversed, the elementwise max holds exactly those and is bitonic (falls, then
+    rises), so one bitonic merge sorts it."""
+    return tl.bitonic_merge(tl.maximum(run_M, tl.flip(top_M, 0)), descending=True)
+
+
+@triton.jit
 def _tdqkr_fwd_kernel(
     S_ROW,  # pointer to the row scores [B, r, n], each token's [r, n] block contiguous
     S_COL,  # pointer to the column scores, the same layout
@@ -161,29 +186,44 @@ def _tdqkr_fwd_kernel(
     BLOCK_R: tl.constexpr,  # power of two ≥ r
     BLOCK_N: tl.constexpr,  # power of two ≥ n and ≥ BLOCK_K
     BLOCK_K: tl.constexpr,  # power of two ≥ k_rc
-    BLOCK_M: tl.constexpr,  # power of two ≥ m, ≤ BLOCK_K²
+    BLOCK_I: tl.constexpr,  # candidate rows per grid tile, a power of two ≤ BLOCK_K
+    BLOCK_J: tl.constexpr,  # candidate columns per grid tile, a power of two ≤ BLOCK_K
+    BLOCK_M: tl.constexpr,  # power of two ≥ m, ≤ BLOCK_I · BLOCK_J
 ):
     b = tl.program_id(0).to(tl.int64)  # one token
     s_row = S_ROW + b * STRIDE_ROW
     s_col = S_COL + b * STRIDE_COL
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    mask_k = tl.arange(0, BLOCK_K) < K_RC
     # step 4: rank-1 prefilter, k_rc row and column candidates
     i_K = _prefilter(s_row, U, R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
     j_K = _prefilter(s_col, V, R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
-    # step 5: the grid Σ_c G_c = S̃_row^T C̄ S̃_col over the candidates, C̄ = Σ_c C_c
+    # steps 5-6, one BLOCK_I × BLOCK_J tile of the grid Σ_c G_c = S̃_row^T C̄ S̃_col at a time
+    # (C̄ = Σ_c C_c): keep a running top-m of packed keys, best first, ties to the lower virtual
+    # cell row·n + col. A tile whose best key is below the running m-th key cannot change it and
+    # is not ranked; the others are ranked (top BLOCK_M of the tile) and merged in.
     cbar_RR = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     for c in range(C):
         cbar_RR += _core(CORES, c, R, offs_r, mask_r)
-    sr_KR = _gather_ranks(s_row, i_K, N, offs_r, mask_r, mask_k)
-    sc_KR = _gather_ranks(s_col, j_K, N, offs_r, mask_r, mask_k)
-    t_KR = tl.sum(sr_KR[:, :, None] * cbar_RR[None, :, :], axis=1)  # T[i, s] = Σ_r S̃_row[r, i] C̄[r, s]
-    g_KK = tl.sum(t_KR[:, None, :] * sc_KR[None, :, :], axis=2)  # G[i, j] = Σ_s T[i, s] S̃_col[s, j]
-    # step 6: top-m cells of the grid, best first, ties to the lower virtual cell row·n + col
-    cell_KK = i_K[:, None] * N + j_K[None, :]
-    key_KK = _pack(g_KK, cell_KK, mask_k[:, None] & mask_k[None, :])
-    cell_M = _unpack_id(tl.topk(tl.reshape(key_KK, [BLOCK_K * BLOCK_K]), BLOCK_M))
+    run_M = tl.full((BLOCK_M,), _INT64_MIN, tl.int64)
+    kth = _kth_key(run_M, M, BLOCK_M)
+    for i0 in range(0, K_RC, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < K_RC
+        i_I = tl.gather(i_K, offs_i, 0)
+        sr_IR = _gather_ranks(s_row, i_I, N, offs_r, mask_r, mask_i)
+        t_IR = tl.sum(sr_IR[:, :, None] * cbar_RR[None, :, :], axis=1)  # T[i, s] = Σ_r S̃_row[r, i] C̄[r, s]
+        for j0 in range(0, K_RC, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            mask_j = offs_j < K_RC
+            j_J = tl.gather(j_K, offs_j, 0)
+            sc_JR = _gather_ranks(s_col, j_J, N, offs_r, mask_r, mask_j)
+            g_IJ = tl.sum(t_IR[:, None, :] * sc_JR[None, :, :], axis=2)  # G[i, j] = Σ_s T[i, s] S̃_col[s, j]
+            key_IJ = _pack(g_IJ, i_I[:, None] * N + j_J[None, :], mask_i[:, None] & mask_j[None, :])
+            if tl.max(tl.max(key_IJ, axis=1), axis=0) > kth:
+                run_M = _merge_top(run_M, tl.topk(tl.reshape(key_IJ, [BLOCK_I * BLOCK_J]), BLOCK_M))
+                kth = _kth_key(run_M, M, BLOCK_M)
+    cell_M = _unpack_id(run_M)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     row_M = cell_M // N
@@ -300,10 +340,15 @@ def _check_select_args(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm) ->
 
 
 def _blocks(R: int, N: int, k_rc: int, topm: int) -> dict:
-    block_k = triton.next_power_of_2(k_rc)
+    """Launch sizes of the forward: grid tiles of 16 × 16 cells (grown until one holds BLOCK_M
+    cells; block_m ≤ block_k², so it can), 2 warps where k_rc > 32 and m ≤ 128, else 4: the
+    fastest of tiles 8-64 cells on a side × 2, 4, 8 warps on an H100 (BENCHMARKS.md, K1)."""
+    block_k, block_m = triton.next_power_of_2(k_rc), triton.next_power_of_2(topm)
+    block_j = min(block_k, max(16, block_m // 16))
+    block_i = min(block_k, max(16, block_m // block_j))
     return dict(BLOCK_R=triton.next_power_of_2(R), BLOCK_N=max(triton.next_power_of_2(N), block_k),
-                BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(topm),
-                num_warps=8 if block_k * block_k >= 4096 else 4)
+                BLOCK_K=block_k, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_M=block_m,
+                num_warps=2 if block_k >= 64 and block_m <= 128 else 4)
 
 
 def tdqkr_fwd(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm):

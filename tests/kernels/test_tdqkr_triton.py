@@ -65,11 +65,21 @@ SHAPES = [  # B, r, n, C, k_rc, m: odd sizes (masks), r = 1..3, C = 1..3, m > k_
     (3, 1, 7, 2, 3, 4),
     (2, 2, 40, 2, 11, 9),  # n > 32: a wider prefilter block than the candidates
 ]
+TILED = [  # k_rc > 32: the grid streams through several tiles, the last ones partial
+    (2, 2, 50, 2, 40, 24),
+    (2, 1, 30, 1, 24, 150),  # m > 128: many cells of every tile ranked and merged
+]
+
+
+def grid_tiles(N, k_rc, m):
+    blocks = tdqkr._blocks(2, N, k_rc, m)
+    return -(-k_rc // blocks["BLOCK_I"]) * -(-k_rc // blocks["BLOCK_J"])
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("B,R,N,C,k_rc,m", SHAPES)
+@pytest.mark.parametrize("B,R,N,C,k_rc,m", SHAPES + TILED)
 def test_triton_select_equals_reference_fp32(B, R, N, C, k_rc, m):
+    assert (B, R, N, C, k_rc, m) in SHAPES or grid_tiles(N, k_rc, m) > 1
     assert_matches(random_scores(B, R, N, C, seed=B + N), k_rc, m, torch.float32)
 
 
@@ -114,19 +124,20 @@ def tie_rule_topm(s_row, s_col, cores, u, v, k_rc, m):
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_select_breaks_ties_by_the_lower_id(dtype):
+@pytest.mark.parametrize("dtype,N,k_rc,m", [(torch.float32, 12, 5, 11), (torch.float16, 12, 5, 11),
+                                             (torch.float32, 24, 20, 12)])  # the last: several tiles
+def test_triton_select_breaks_ties_by_the_lower_id(dtype, N, k_rc, m):
     """Small integers: every product is exact and ties are everywhere, at the k_rc and the m
-    boundary too. The kernel repeats itself bit for bit and follows its rule."""
+    boundary and across grid tiles too. The kernel repeats itself bit for bit and follows its rule."""
     gen = torch.Generator().manual_seed(11)
-    s_row, s_col = (torch.randint(-2, 3, (4, 2, 12), generator=gen).to(dtype) for _ in range(2))
+    s_row, s_col = (torch.randint(-2, 3, (4, 2, N), generator=gen).to(dtype) for _ in range(2))
     cores = torch.randint(0, 3, (2, 2, 2), generator=gen).to(dtype)
     s_row[:, :, 7] = s_row[:, :, 2]  # a duplicated key: equal prefilter scores and equal cells
     u, v = torch.tensor([1.0, 2.0]), torch.tensor([1.0, -1.0])
     inputs = [t.to(DEVICE) for t in (s_row, s_col, cores, u, v)]
-    assert_matches(inputs, 5, 11, dtype, reference=tie_rule_topm)
-    first = tdqkr.select_topm(*inputs, 5, 11, impl="triton")
-    second = tdqkr.select_topm(*inputs, 5, 11, impl="triton")
+    assert_matches(inputs, k_rc, m, dtype, reference=tie_rule_topm)
+    first = tdqkr.select_topm(*inputs, k_rc, m, impl="triton")
+    second = tdqkr.select_topm(*inputs, k_rc, m, impl="triton")
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
