@@ -134,7 +134,7 @@ def bench_kernels(shapes: list[tuple] = LOOKUP_SHAPES) -> dict:
 
 
 # (rank r, keys per side n, k_rc, m, tokens B), C = 2 cores: the 227M row (n 360, m 32) and denser ones
-SELECT_SHAPES = [(2, 360, 32, 32, 16384), (2, 360, 128, 128, 16384), (2, 1024, 128, 256, 16384)]
+SELECT_SHAPES = [(2, 360, 32, 32, 16384), (2, 360, 64, 64, 16384), (2, 360, 128, 128, 16384), (2, 1024, 128, 256, 16384)]
 
 
 def bench_select(shape: tuple) -> dict:

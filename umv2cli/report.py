@@ -546,7 +546,7 @@ def page(name: str, source: str, table: "pl.DataFrame", result: FitResult, curve
                          figure_html(fig_parity(result)) + fit_details(r)))
         if "resamples" in r:
             sections.append(("Uncertainty of R, e_m and e_P",
-                             f"Case bootstrap: {r['bootstrap']['B']} resamples of runs (configurations, then seeds), "
+                             f"Case bootstrap: {r['bootstrap']['B']} resamples of configurations, each with all its runs (seeds), "
                              f"{r['bootstrap']['failed']} refits failed; solid line the estimate, dashed the 95% "
                              "interval, red R = 1 (the decision threshold); the central 99% of each distribution "
                              "shown.",

@@ -23,7 +23,7 @@ ffn_hidden = [32, 48]
 def test_smoke_sweep_finishes_then_launches_nothing_and_reports_all_done(tmp_path, umv2):
     code, out, err = umv2("sweep", "run", RECIPES / "smoke.toml", "--out", tmp_path, "--executor", "local")
     assert code == 0, err
-    assert "launched 4 runs (0 not done)" in out
+    assert "launched 6 runs (0 not done)" in out
     sweep = tmp_path / "smoke"
     assert {p.name for p in sweep.iterdir()} == {"recipe.toml", "plan.parquet", "launch.json", "runs"}
     stamps = {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/STATUS")}
@@ -32,7 +32,7 @@ def test_smoke_sweep_finishes_then_launches_nothing_and_reports_all_done(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/STATUS")} == stamps  # nothing re-run
     code, out, _ = umv2("sweep", "status", sweep, "--json")
     status = json.loads(out)
-    assert code == 0 and status["total"] == status["done"] == 4
+    assert code == 0 and status["total"] == status["done"] == 6
     assert status["failed"] == status["running"] == status["pending"] == 0 and status["progress"] == 1.0
 
 

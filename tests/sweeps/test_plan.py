@@ -19,12 +19,12 @@ def recipe(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_smoke_recipe_plans_four_distinct_stable_runs():
+def test_smoke_recipe_plans_six_distinct_stable_runs():
     runs = build_plan(load_recipe(RECIPES / "smoke.toml"))
-    assert len(runs) == 4 and len({r.run_id for r in runs}) == 4
+    assert len(runs) == 6 and len({r.run_id for r in runs}) == 6
     assert [r.run_id for r in build_plan(load_recipe(RECIPES / "smoke.toml"))] == [r.run_id for r in runs]
     assert {(r.row["grid.sparse_params"], r.row["grid.topm"]) for r in runs} == {
-        (16384, 4), (16384, 16), (65536, 4), (65536, 16)}
+        (16384, 4), (16384, 16), (32768, 4), (32768, 16), (65536, 4), (65536, 16)}
     assert all(abs(r.row["match_residual"]) < 0.01 for r in runs)  # iso-flop within 1%
 
 
