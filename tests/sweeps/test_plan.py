@@ -92,7 +92,7 @@ def test_grid_point_problems_name_the_point(tmp_path, umv2):
 def test_plan_json_has_the_columns_the_fit_needs(umv2):
     code, out, _ = umv2("sweep", "plan", RECIPES / "smoke.toml", "--json")
     rows = json.loads(out)
-    assert code == 0 and len(rows) == 4
+    assert code == 0 and len(rows) == 6
     assert {"run_id", "sparse_params", "topm", "density", "activated_params", "total_params", "tokens",
             "flops_per_token", "seed", "gpu_hours"} <= rows[0].keys()
 
