@@ -164,3 +164,13 @@ def test_huber_linear_reaches_the_minimum_of_every_resample():
     for _ in range(20):
         step = 1e-5 * rng.standard_normal(theta.shape)
         assert (f(theta + step)[ok] >= f(theta)[ok] - 1e-15).all()
+
+
+def test_a_results_table_fits_its_done_runs_only():
+    table = planted_loglinear(-0.02, -0.03)
+    status = ["done"] * table.height
+    status[0], status[1] = "failed", "running"
+    table = table.with_columns(status=pl.Series(status),
+                               loss=pl.when(pl.Series(status) == "done").then(pl.col("loss")))
+    runs = F.runs_from_frame(table)
+    assert len(runs.run_ids) == table.height - 2 and np.isfinite(runs.loss).all()

@@ -110,8 +110,10 @@ def runs_from_frame(df, where: str = "table") -> Runs:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise UserError(*[f"{where}: missing column `{c}`; the table needs {', '.join(COLUMNS)}" for c in missing])
+    if "status" in df.columns:  # a sweep's results.parquet lists unfinished runs too, with no loss
+        df = df.filter(pl.col("status") == "done")
     if df.height == 0:
-        raise UserError(f"{where}: the table has no rows; give at least one run per configuration")
+        raise UserError(f"{where}: the table has no rows (of status done); give at least one run per configuration")
     problems, values = [], {}
     for c in COLUMNS[1:]:
         col = df[c]
