@@ -108,16 +108,22 @@ def _pin_worker(cpu_sets: "multiprocessing.Queue") -> None:
     os.sched_setaffinity(0, cpu_sets.get())
 
 
-def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done: OnDone = None) -> dict[str, str]:
-    """Run `runs` in a pool of `workers` processes; returns {run_id: status}."""
+def pinned_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` spawned processes, each pinned to its own share of this process's CPUs (so torch
+    in each uses only those)."""
     cpus = sorted(os.sched_getaffinity(0))
-    workers = max(1, min(workers, len(cpus), len(runs)))
     shares = multiprocessing.get_context("spawn").Queue()
     for w in range(workers):
         shares.put(set(cpus[w::workers]))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
+                               initargs=(shares,))
+
+
+def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done: OnDone = None) -> dict[str, str]:
+    """Run `runs` in a pool of `workers` processes; returns {run_id: status}."""
+    workers = max(1, min(workers, len(os.sched_getaffinity(0)), len(runs)))
     results = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_pin_worker, initargs=(shares,)) as pool:
+    with pinned_pool(workers) as pool:
         futures = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
         for future in as_completed(futures):
             results[futures[future]] = future.result()

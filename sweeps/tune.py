@@ -32,16 +32,16 @@ trial's [train] values per group).
 
 import dataclasses
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
+from umv2cli.sweeps.launch import pinned_pool
 from umv2cli.sweeps.plan import PlannedRun, build_plan, run_id
 from umv2cli.sweeps.recipe import Recipe, TuneSpec, Tuned, group_key, load_recipe, write_tuned
 
@@ -154,7 +154,7 @@ def _drive_local(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, stora
                  workers: int, on_trial) -> None:
     """Keep `workers` trials training here until every study has its trials."""
     pending: dict[Future, tuple[str, Any]] = {}
-    with _pool(workers) as pool:
+    with pinned_pool(workers) as pool:
         while True:
             for group, study in studies.items():
                 while len(pending) < workers and has_work(study, spec):
@@ -170,18 +170,6 @@ def _drive_local(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, stora
                 told = tell(studies[group], trial, future.result(), spec)
                 if on_trial:
                     on_trial(group, told)
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes pinned to their own CPU shares (as `sweeps.launch.launch_local`)."""
-    from umv2cli.sweeps.launch import _pin_worker
-
-    cpus = sorted(os.sched_getaffinity(0))
-    shares = multiprocessing.get_context("spawn").Queue()
-    for w in range(workers):
-        shares.put(set(cpus[w::workers]))
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
-                               initargs=(shares,))
 
 
 def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, run_dir: Path, metric: str,

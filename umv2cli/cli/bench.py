@@ -7,6 +7,8 @@ import typer
 
 app = typer.Typer(help="Speed on this device, as ratios to references and rooflines.", no_args_is_help=True)
 
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table or text.")]
+
 TINY = ["tiny-dense", "tiny-ultramemv2", "tiny-ultramem", "tiny-memoryplus", "tiny-peer", "tiny-moe"]
 
 
@@ -14,7 +16,7 @@ TINY = ["tiny-dense", "tiny-ultramemv2", "tiny-ultramem", "tiny-memoryplus", "ti
 def train_overhead(
     presets: Annotated[list[str] | None, typer.Argument(help="Model presets (default: the tiny ones).")] = None,
     steps: Annotated[int, typer.Option(min=5, help="Timed steps per preset.")] = 40,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The training loop's cost over bare forward/backward/step, on CPU (goal: under 5%)."""
     from rich.console import Console
@@ -38,7 +40,7 @@ def plan(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the median is reported).")] = 3,
     match: Annotated[str, typer.Option(help="The recipe's matching: iso-flop, iso-activated or fixed-backbone.")]
     = "iso-flop",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Reading and planning a SIDE × SIDE recipe of distinct configs (goal: 10,000 runs under 2 s)."""
     from umv2cli.bench import plan_seconds
@@ -56,7 +58,7 @@ def aggregate(
     runs: Annotated[int, typer.Option(min=1, help="Runs in the synthetic sweep.")] = 1000,
     rows: Annotated[int, typer.Option(min=2, help="Metrics lines per run.")] = 10_000,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the median is reported).")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """`umv2 sweep aggregate` over a synthetic sweep built in a temporary directory (goal: 1,000 runs ×
     10,000 metrics lines under 3 s), by default and at 3 FLOP budgets, against parsing every line."""
@@ -76,7 +78,7 @@ def fit(
     resamples: Annotated[int, typer.Option(min=1, help="Bootstrap resamples.")] = 2000,
     seeds: Annotated[int, typer.Option(min=1, help="Runs per configuration of the 4 × 4 grid.")] = 4,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the median is reported).")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The case bootstrap of a loglinear fit of 64 runs (goal: 2,000 resamples under 10 s on 2 cores), and the
     whole `umv2 fit` computation around it."""
@@ -111,7 +113,7 @@ def _require_cuda() -> None:
 
 
 @app.command()
-def kernels(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+def kernels(as_json: AsJson = False) -> None:
     """The value lookup's forward and forward+backward over paper-like shapes, against copy bandwidth,
     PyTorch, torch.compile and F.embedding_bag (CUDA)."""
     _require_cuda()
@@ -130,7 +132,7 @@ def kernels(as_json: Annotated[bool, typer.Option("--json", help="Print JSON ins
 def layer(
     preset: Annotated[str, typer.Option(help="An UltraMemV2 preset; its first memory layer is timed.")] = "ultramemv2-227m",
     tokens: Annotated[int, typer.Option(min=1, help="Tokens per call.")] = 16384,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """One UltraMemV2 layer, forward and forward+backward under bf16 autocast: Triton, PyTorch, torch.compile (CUDA)."""
     _require_cuda()
@@ -149,7 +151,7 @@ def train_speed(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     seq_len: Annotated[int, typer.Option(min=16)] = 2048,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per model.")] = 10,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 and dense at equal activated params (CUDA)."""
     _require_cuda()
