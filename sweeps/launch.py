@@ -172,6 +172,7 @@ def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: in
     sweep, recipe, runs = prepare_sweep(recipe_path, out)
     options = LaunchOptions(workers, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)), wait)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
+                                                    "recipe_dir": str(recipe_path.parent.resolve()),
                                                     "slurm": dataclasses.asdict(options.slurm)}, indent=2) + "\n")
     todo = runs_to_launch(sweep, runs, retry_failed)
     return sweep, launch_runs(sweep, todo, executor, options, on_done) if todo else {}
@@ -185,7 +186,8 @@ def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
         raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
     last = json.loads((sweep / "launch.json").read_text())
     options = LaunchOptions(last["workers"], SlurmOptions(**last["slurm"]), wait)
-    todo = runs_to_launch(sweep, build_plan(load_recipe(sweep / "recipe.toml")), retry_failed)
+    recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
+    todo = runs_to_launch(sweep, build_plan(recipe), retry_failed)
     return launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {}
 
 

@@ -5,12 +5,13 @@ the matching condition:
 
     name = "smoke"                       # the sweep's folder name
     model = "tiny-ultramemv2"            # base model: a preset name, or a table of model fields
-    data = "builtin"
+    data = "builtin"                     # or a `umv2 data prepare` folder (relative: from this file's folder)
     seeds = [0]                          # every grid point runs with each of these seeds
     corner_seeds = [1, 2]                # extra seeds at the corners of the grid (σ_seed)
     match = "fixed-backbone"             # or "iso-activated" / "iso-flop": the planner resizes the FFN
     tokens = 2_000_000                   # token budget per run (sets train.steps); optional
-    tuned = "out/lr/best.toml"           # [train] values per group found by `umv2 tune`; optional
+    tuned = "out/lr/best.toml"           # [train] values per group found by `umv2 tune` (relative: from this
+                                         # file's folder); optional
 
     [train]                              # TrainConfig fields shared by every run
     batch_size = 8
@@ -106,7 +107,7 @@ class Recipe:
     tokens: int | None = None
     train: dict[str, Any] = field(default_factory=dict)
     tuned: Path | None = None
-    """A best.toml written by `umv2 tune` (relative paths start at the recipe's folder)."""
+    """A best.toml written by `umv2 tune` (absolute: a relative path was taken from the recipe's folder)."""
     tune: TuneSpec | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
     """Job options for `--executor slurm` (`sweeps.slurm.SLURM_KEYS`); the command line overrides them."""
@@ -132,9 +133,13 @@ def group_key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def load_recipe(path: Path) -> Recipe:
-    """Read and check a recipe; every problem is reported (one line each) before anything runs."""
+def load_recipe(path: Path, base: Path | None = None) -> Recipe:
+    """Read and check a recipe; every problem is reported (one line each) before anything runs.
+
+    Relative paths in it (`data`, `tuned`) start at ``base``: the recipe's own folder unless given (a
+    sweep's copy of its recipe passes the folder the original came from)."""
     raw = read_table(path)
+    base = Path(path).parent if base is None else Path(base)
     where = str(path)
     problems = [f"{where}: {key}: unknown key; allowed: {', '.join(TOP_KEYS)}" for key in raw if key not in TOP_KEYS]
     problems += _typed(raw, where)
@@ -156,11 +161,17 @@ def load_recipe(path: Path) -> Recipe:
     if problems:
         raise UserError(*problems)
     tuned = Path(raw["tuned"]) if "tuned" in raw else None
-    return Recipe(name=raw.get("name", path.stem), model=raw["model"], grid=grid, data=raw.get("data", "builtin"),
+    return Recipe(name=raw.get("name", path.stem), model=raw["model"], grid=grid, data=_data_path(raw, base),
                   seeds=tuple(raw.get("seeds", [0])), corner_seeds=tuple(raw.get("corner_seeds", [])),
                   match=raw.get("match", "fixed-backbone"), tokens=_int(raw.get("tokens")), train=train,
-                  tuned=tuned if tuned is None or tuned.is_absolute() else path.parent / tuned, tune=tune,
+                  tuned=tuned if tuned is None or tuned.is_absolute() else base / tuned, tune=tune,
                   slurm=raw.get("slurm", {}), source=where)
+
+
+def _data_path(raw: dict, base: Path) -> str:
+    """The recipe's `data`: "builtin", or a folder, a relative one taken from ``base`` (made absolute)."""
+    data = raw.get("data", "builtin")
+    return data if data == "builtin" or Path(data).is_absolute() else str((base / data).resolve())
 
 
 def _typed(raw: dict, where: str) -> list[str]:

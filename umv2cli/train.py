@@ -146,9 +146,18 @@ def resolve_device(name: str) -> torch.device:
 # evaluation
 
 
+EVAL_SEED = 0
+"""Seed of the validation batches and the memory-task samples: the same for every run, whatever its training
+seed, so every run of a sweep is scored on the same held-out tokens and seed-to-seed spread is training noise."""
+HEALTH_TOKENS = 4096
+"""UltraMemV2 layer health is measured on the first this many validation tokens of each layer's input: a bounded
+sample (HEALTH_TOKENS × d_model activations per layer), the same tokens in every run."""
+
+
 @torch.no_grad()
 def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
-    """Validation loss on fixed batches, memory-task accuracies, and UltraMemV2 layer health."""
+    """Validation loss on fixed batches, memory-task accuracies, and UltraMemV2 layer health, all drawn with
+    `EVAL_SEED`."""
     from umv2cli.data import get_batch
     from umv2cli.evals import memory_task_accuracies
     from umv2cli.model.ultramemv2 import UltraMemV2, selection_health
@@ -157,11 +166,17 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
     was_training = model.training
     model.eval()
     inputs: dict[int, list[torch.Tensor]] = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, []).append(args[0]))
+
+    def keep_sample(i: int, u: torch.Tensor) -> None:
+        kept = sum(len(t) for t in inputs.get(i, []))
+        if kept < HEALTH_TOKENS:
+            inputs.setdefault(i, []).append(u.flatten(0, -2)[:HEALTH_TOKENS - kept])
+
+    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: keep_sample(i, args[0]))
              for i, layer in enumerate(model.sparse) if isinstance(layer, UltraMemV2)]
     losses = []
     for index in range(cfg.eval_batches):
-        x, y = get_batch(data.val, cfg.batch_size, seq_len, seed=cfg.seed, index=index)
+        x, y = get_batch(data.val, cfg.batch_size, seq_len, seed=EVAL_SEED, index=index)
         with autocast(device):
             logits, _ = model(x.to(device))
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
@@ -169,11 +184,11 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
         hook.remove()
     result = {"eval_loss": sum(losses) / len(losses)}
     if inputs:
-        health = [selection_health(model.sparse[i], torch.cat(us).flatten(0, -2)) for i, us in inputs.items()]
+        health = [selection_health(model.sparse[i], torch.cat(us)) for i, us in inputs.items()]
         result |= {f"memory_{k}": sum(h[k] for h in health) / len(health) for k in health[0]}
     if cfg.task_samples:
         accuracies = memory_task_accuracies(model, vocab_size=spec.model.vocab_size,
-                                            seq_len=min(seq_len, 128), seed=cfg.seed, n=cfg.task_samples)
+                                            seq_len=min(seq_len, 128), seed=EVAL_SEED, n=cfg.task_samples)
         result |= {f"task_{name}": acc for name, acc in accuracies.items()}
     model.train(was_training)
     return result

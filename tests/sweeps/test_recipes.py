@@ -11,8 +11,9 @@ RECIPES = Path(__file__).parents[2] / "recipes"
 SHIPPED = sorted(p.name for p in RECIPES.glob("*.toml"))
 
 
-def test_the_shipped_recipes_are_the_four_of_the_issue():
-    assert SHIPPED == ["density-x-size-1gpu.toml", "moe-parity-1gpu.toml", "paper-227m-cluster.toml", "smoke.toml"]
+def test_the_shipped_recipes():
+    assert SHIPPED == ["density-x-size-1gpu.toml", "micro-cpu.toml", "moe-parity-1gpu.toml",
+                       "paper-227m-cluster.toml", "smoke.toml"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -33,6 +34,16 @@ def test_density_x_size_is_a_4x4_iso_flop_grid_with_corner_seeds_for_one_gpu_day
     assert all(abs(r["sparse_params"] / r["grid.sparse_params"] - 1) < 0.01 for r in rows)
     assert 10 < sum(r["gpu_hours"] for r in rows) < 30
     assert load_recipe(RECIPES / "density-x-size-1gpu.toml").tune.params["lr"].log
+
+
+def test_micro_cpu_is_a_4x4_iso_flop_grid_on_real_text_with_a_million_tokens_a_run():
+    recipe = load_recipe(RECIPES / "micro-cpu.toml")
+    rows = plan("micro-cpu.toml")
+    assert len({(r["grid.sparse_params"], r["grid.topm"]) for r in rows}) == 16
+    assert len(rows) == 16 + 4  # seed 1 at the four corners
+    assert all(abs(r["match_residual"]) < 0.001 and r["tokens"] >= 1_000_000 for r in rows)
+    assert recipe.data == str((RECIPES.parent / "data" / "debian-en").resolve())  # from the recipe's folder
+    assert recipe.train["schedule"] == "wsd" and recipe.train["device"] == "cpu"
 
 
 def test_moe_parity_compares_six_kinds_at_equal_flops_and_sparse_size():
