@@ -324,3 +324,17 @@ def test_reset_parameters_uses_full_megatron_stds(scheme):
         assert p.std().item() == pytest.approx(std, rel=0.05), name
         assert p.abs().max().item() <= 3 * std / trunc, name  # truncated at 3σ
     assert not expected
+
+
+def test_bench_sets_grouped_experts_beside_the_loop_on_the_same_model():
+    """`umv2 bench layer|curves` on an MoE preset: two configs that differ only in `experts`."""
+    from umv2cli.kernel_bench import path_and_reference
+
+    cfg = get_preset("tiny-moe")
+    paths = path_and_reference(cfg)
+    assert list(paths) == ["grouped", "loop"]
+    for name, path_cfg in paths.items():
+        assert path_cfg == dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, experts=name))
+    assert list(path_and_reference(get_preset("tiny-ultramemv2"))) == ["triton", "torch"]
+    with pytest.raises(UserError, match="use an UltraMemV2 or MoE preset"):
+        path_and_reference(get_preset("tiny-dense"))
