@@ -42,7 +42,8 @@ from umv2cli.model.init import InitContext, normal_
 
 # B batch  T sequence  N tokens B·T  H hidden (d_model)  E experts  K top-k (experts per token)
 # S routing slots N·K  R the rows of one expert  F expert inner width (the shared expert is a
-# one-expert `Experts` whose F is shared_expert_hidden)
+# one-expert `Experts` whose F is shared_expert_hidden)  I, O a grouped product's input and
+# output widths  Q the rows of a permutation's source  J the rows it writes (Q·copies)
 
 
 class Router(nn.Module):
@@ -117,17 +118,17 @@ class PermuteRows(torch.autograd.Function):
     backward are deterministic on every device."""
 
     @staticmethod
-    def forward(ctx, x_RH: torch.Tensor, perm_J: torch.Tensor, inv_J: torch.Tensor, copies: int) -> torch.Tensor:
+    def forward(ctx, x_QH: torch.Tensor, perm_J: torch.Tensor, inv_J: torch.Tensor, copies: int) -> torch.Tensor:
         ctx.save_for_backward(inv_J)
         ctx.copies = copies
-        return x_RH.index_select(0, perm_J // copies if copies > 1 else perm_J)
+        return x_QH.index_select(0, perm_J // copies if copies > 1 else perm_J)
 
     @staticmethod
     def backward(ctx, dy_JH: torch.Tensor):
         (inv_J,) = ctx.saved_tensors
         dy_JH = dy_JH.index_select(0, inv_J)
-        dx_RH = dy_JH.view(-1, ctx.copies, dy_JH.shape[-1]).sum(1) if ctx.copies > 1 else dy_JH
-        return dx_RH, None, None, None
+        dx_QH = dy_JH.view(-1, ctx.copies, dy_JH.shape[-1]).sum(1) if ctx.copies > 1 else dy_JH
+        return dx_QH, None, None, None
 
 
 class MoE(nn.Module):
