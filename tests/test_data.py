@@ -233,7 +233,8 @@ def unreadable_tokenizer(path: Path) -> str:
 
 BAD_PREPARE = {
     "missing source": (lambda c, t: {"sources": [c / "nope.txt"]}, "source '"),
-    "no text": (lambda c, t: {"sources": [binary_folder(c), c / "empty.txt"]}, "no text found"),
+    "no text": (lambda c, t: {"sources": [binary_folder(c)]}, "no text found"),
+    "empty source file": (lambda c, t: {"sources": [c / "empty.txt"]}, "empty.txt': empty; remove it from the"),
     "binary source file": (lambda c, t: {"sources": [c / "latin1.txt"]}, "not UTF-8 text"),
     "no sources": (lambda c, t: {"sources": []}, "sources: none given"),
     "one token": (lambda c, t: {"sources": [one_byte_file(c / "x.txt")]},
