@@ -38,11 +38,12 @@ meta.json "skipped" lists what was skipped and why. An error names the file (and
 and the fix, and leaves `out` as it was.
 
 Streaming. `prepare` reads the sources one document at a time, twice (three times for bpe:VOCAB):
-first to measure each document (UTF-8 bytes, for the split) and to check every file, then (bpe) to
-train the tokenizer on the train documents, then to tokenize batches of about `batch_bytes` of text
-and append them to the shards. Memory holds one batch, never the corpus: a corpus larger than memory
-works, as long as each document fits. The split keeps 9 bytes a document; meta.json names each val
-document.
+first to check every file and measure each document (its UTF-8 bytes, for the split), then (bpe
+only) to train the tokenizer on the train documents as they stream by (the trainer keeps a count per
+distinct word), then to tokenize batches of about `batch_bytes` of text and append them to the
+shards. Memory holds one document, one batch and its encodings (under 100 MB at the default 1 MiB),
+some 30 bytes per document for the split, and the names of the val documents that meta.json lists;
+never the corpus's text or token ids, so a corpus larger than memory works.
 
 Tokenizers: ``byte`` (UTF-8 bytes 0–255, <|endoftext|> = 256, vocab 257, no files);
 ``bpe:VOCAB`` (a byte-level BPE trained here with HF `tokenizers` on the train documents, VOCAB ids
@@ -93,7 +94,7 @@ SNIFF_BYTES = 8192  # git's rule: a NUL byte in the first 8 KiB means binary
 RECORD_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}  # any other name is a text file
 COMPRESSIONS = {".gz": "gzip -t", ".zst": "zstd -t"}  # suffix → the command that checks such a file
 PARQUET_ROWS = 1024  # rows read from a Parquet file at once
-BATCH_BYTES = 1 << 24  # text tokenized at once by `prepare` (16 MiB)
+BATCH_BYTES = 1 << 20  # text tokenized at once by `prepare`; HF keeps ~50× as much per batch in its encodings
 CHECK_TOKENS = 1 << 20  # open_data range-checks this many ids at each end of a shard
 GPT2_VOCAB, GPT2_EOT = 50257, 50256  # a nanoGPT folder without meta.pkl holds GPT-2 ids
 EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "[SEP]")  # looked for in a given tokenizer.json
@@ -319,7 +320,7 @@ class _ZstdReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while self._at == len(self._out):
-            chunk = self._raw.read(1 << 18)
+            chunk = self._raw.read(1 << 14)  # so that one call's output stays small even at high ratios
             if not chunk:
                 if self._frame is not None and not self._frame.eof:
                     raise EOFError("the file ends inside a zstd frame")
@@ -616,7 +617,7 @@ def _content_hash(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
+            while chunk := f.read(1 << 20):
                 h.update(chunk)
     return "sha256:" + h.hexdigest()
 
