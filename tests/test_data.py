@@ -362,6 +362,7 @@ SAME_DOCUMENTS = {  # TEXTS, in ORDER, as other kinds of input
     "jsonl": lambda t: write_jsonl(t / "docs.jsonl", *({"id": i, "text": TEXTS[n]} for i, n in enumerate(ORDER))),
     "jsonl.gz": lambda t: write_jsonl(t / "docs.jsonl.gz", *({"text": TEXTS[n]} for n in ORDER)),
     "jsonl.zst": lambda t: write_jsonl(t / "docs.jsonl.zst", *({"text": TEXTS[n]} for n in ORDER)),
+    "json.zst (OLMo-mix)": lambda t: write_jsonl(t / "docs.json.zst", *({"text": TEXTS[n]} for n in ORDER)),
     "parquet": lambda t: write_parquet(t / "docs.parquet", id=list(range(8)), text=[TEXTS[n] for n in ORDER]),
     "folder of .txt.gz and .txt.zst": lambda t: [write_file(t / "src" / f"{i}.txt{'.gz' if i % 2 else '.zst'}",
                                                             TEXTS[n].encode()) for i, n in enumerate(ORDER)][0].parent,
@@ -394,6 +395,15 @@ def test_records_are_documents_named_by_line_or_row_and_a_text_column_can_be_cho
     split = texts_by_split(open_data(tmp_path / "out"))
     assert split["val"] == [texts[n] for n in names if n in meta["val_documents"]]
     assert split["train"] == [texts[n] for n in names if n not in meta["val_documents"]]
+
+
+def test_only_a_compressed_json_file_is_read_as_json_lines(tmp_path):
+    write_file(tmp_path / "src" / "config.json", b'{\n  "text": "one document"\n}\n')
+    write_jsonl(tmp_path / "src" / "shard.json.gz", {"text": "a record"}, {"text": "another"})
+    meta = prepare([tmp_path / "src"], tmp_path / "out")
+    split = texts_by_split(open_data(tmp_path / "out"))
+    assert meta["documents"] == {"train": 2, "val": 1}
+    assert sorted(split["train"] + split["val"]) == sorted(['{\n  "text": "one document"\n}\n', "a record", "another"])
 
 
 def test_a_zst_file_of_several_frames_is_read_to_its_end(tmp_path):

@@ -21,7 +21,9 @@ file's name says how it is read:
     NAME.parquet         each row's `text_column`, a string column, is a document, named PATH:ROW
                          (counted from 1); read PARQUET_ROWS rows at a time
     NAME.gz, NAME.zst    decompressed while read (gzip; Zstandard), then read as the rest of the name
-                         says: x.jsonl.gz, x.txt.zst, x.gz (Parquet compresses inside: no x.parquet.gz)
+                         says: x.jsonl.gz, x.txt.zst, x.gz (Parquet compresses inside: no x.parquet.gz);
+                         x.json.gz and x.json.zst are JSON lines, as Dolma and OLMo-mix name their
+                         shards (a plain x.json is a text file)
     any other name       a text file: the whole file is one document, named by its path
 
 Text is kept byte for byte (no newline or Unicode normalization), so decoding gives back the exact
@@ -143,6 +145,8 @@ def _input(path: Path, named: bool) -> Input:
     compression = next((c for c in COMPRESSIONS if name.endswith(c)), None)
     inner = Path(name[: -len(compression)] if compression else name).suffix
     format = RECORD_FORMATS.get(inner, "text")
+    if inner == ".json" and compression:  # Dolma and OLMo-mix shards: JSON lines named x.json.gz, x.json.zst
+        format = "jsonl"
     if format == "parquet" and compression:
         undo = "zstd -d" if compression == ".zst" else "gunzip"
         raise UserError(f"source '{path}': a Parquet file compresses its columns itself and is not read "
