@@ -144,14 +144,14 @@ def _input(path: Path, named: bool) -> Input:
     name = path.name.lower()
     compression = next((c for c in COMPRESSIONS if name.endswith(c)), None)
     inner = Path(name[: -len(compression)] if compression else name).suffix
-    format = RECORD_FORMATS.get(inner, "text")
+    fmt = RECORD_FORMATS.get(inner, "text")
     if inner == ".json" and compression:  # Dolma and OLMo-mix shards: JSON lines named x.json.gz, x.json.zst
-        format = "jsonl"
-    if format == "parquet" and compression:
+        fmt = "jsonl"
+    if fmt == "parquet" and compression:
         undo = "zstd -d" if compression == ".zst" else "gunzip"
         raise UserError(f"source '{path}': a Parquet file compresses its columns itself and is not read "
                         f"through {compression}; decompress it first ({undo} FILE)")
-    return Input(path, format, compression, named, path.stat().st_size)
+    return Input(path, fmt, compression, named, path.stat().st_size)
 
 
 def _files_under(folder: Path, exclude: Path | None) -> list[Path]:
