@@ -418,7 +418,8 @@ def test_a_zst_file_of_several_frames_is_read_to_its_end(tmp_path):
 
 def test_a_folder_skips_empty_records_and_files_that_are_not_text_and_says_so(tmp_path):
     src = tmp_path / "src"
-    write_jsonl(src / "a.jsonl", {"text": "a doc"}, "  ", {"text": ""}, {"text": None}, {"text": "another doc"})
+    write_jsonl(src / "a.jsonl", {"text": "a doc"}, "  ", {"text": ""}, {"text": None}, '{"text": "bad \\ud800"}',
+                {"text": "another doc"})
     write_file(src / "b.jsonl", b"")
     write_file(src / "c.txt.gz", b"\x89PNG\0\1")
     write_file(src / "d.txt.zst", "café".encode("latin-1"))
@@ -426,6 +427,7 @@ def test_a_folder_skips_empty_records_and_files_that_are_not_text_and_says_so(tm
     meta = prepare([src], tmp_path / "out", val_fraction=0.3)
     assert meta["skipped"] == [
         {"path": str(src / "a.jsonl"), "reason": "empty or null 'text'", "records": 2},
+        {"path": str(src / "a.jsonl"), "reason": "'text' holds a lone surrogate, not UTF-8", "records": 1},
         {"path": str(src / "b.jsonl"), "reason": "empty"},
         {"path": str(src / "c.txt.gz"), "reason": "binary (NUL byte)"},
         {"path": str(src / "d.txt.zst"), "reason": "invalid UTF-8 at byte 3"},

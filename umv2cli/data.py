@@ -35,9 +35,9 @@ is an error. A record file (.jsonl, .parquet) or a compressed file must be what 
 wherever it is: a corrupt or truncated .gz/.zst, a line that is not a JSON object or not UTF-8, a
 record without the text field or with one that is not a string, a Parquet file that cannot be read
 or whose column is missing or not text are errors; so is an empty record file named as a source (in
-a folder it is skipped). Records whose text is empty or null are skipped, counted per file.
-meta.json "skipped" lists what was skipped and why. An error names the file (and the line or row)
-and the fix, and leaves `out` as it was.
+a folder it is skipped). Records whose text is empty, null or not UTF-8 (a JSON-escaped lone
+surrogate) are skipped, counted per file. meta.json "skipped" lists what was skipped and why. An
+error names the file (and the line or row) and the fix, and leaves `out` as it was.
 
 Streaming. `prepare` reads the sources one document at a time, twice (three times for bpe:VOCAB):
 first to check every file and measure each document (its UTF-8 bytes, for the split), then (bpe
@@ -207,19 +207,31 @@ def _documents_in(inp: Input, text_column: str, skipped: list[dict] | None) -> I
             yield Document(str(inp.path), text), inp.size
         return
     records = _jsonl_records if inp.format == "jsonl" else _parquet_records
-    found = empty = 0
+    found, skips = 0, {}
     for n, text, at in records(inp, text_column):
-        if text:
+        if problem := _record_problem(text, text_column):
+            skips[problem] = skips.get(problem, 0) + 1
+        else:
             found += 1
             yield Document(f"{inp.path}:{n}", text), at
-        else:
-            empty += 1
-    if not found and not empty and inp.named:
+    if not found and not skips and inp.named:
         raise UserError(f"source '{inp.path}': empty, no records; remove it from the sources")
-    if skipped is not None and empty:
-        skipped.append({"path": str(inp.path), "reason": f"empty or null '{text_column}'", "records": empty})
-    elif skipped is not None and not found:
-        skipped.append({"path": str(inp.path), "reason": "empty"})
+    if skipped is not None:
+        skipped += [{"path": str(inp.path), "reason": why, "records": count} for why, count in skips.items()]
+        skipped += [{"path": str(inp.path), "reason": "empty"}] if not found and not skips else []
+
+
+def _record_problem(text: str | None, text_column: str) -> str | None:
+    """Why a record's text is no document, or None. JSON can escape a lone surrogate (\\ud800), which
+    is no UTF-8."""
+    if not text:
+        return f"empty or null '{text_column}'"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return f"'{text_column}' holds a lone surrogate, not UTF-8"
+    return None
 
 
 def _read_text(inp: Input) -> tuple[str, str | None]:
