@@ -18,8 +18,9 @@ TOKENIZER_HELP = (
 def prepare(
     sources: Annotated[list[Path], typer.Argument(metavar="SRC...",
         help="Files or folders (read recursively, hidden entries left out). NAME.jsonl and NAME.parquet: a "
-             "document per record; NAME.gz, NAME.zst: decompressed first (x.jsonl.zst, x.txt.gz); any other "
-             "file: one document. Binary, non-UTF-8 and empty text files in a folder are skipped.")],
+             "document per record; NAME.gz, NAME.zst: decompressed first (x.jsonl.zst, x.txt.gz; x.json.zst "
+             "is JSON lines, as OLMo-mix shards); any other file: one document. Binary, non-UTF-8 and empty "
+             "text files in a folder are skipped.")],
     out: Annotated[Path, typer.Option("--out", "-o",
         help="Folder to write: new, empty, or a previous `umv2 data prepare` output.")],
     tokenizer: Annotated[str, typer.Option(help=TOKENIZER_HELP)] = "byte",
