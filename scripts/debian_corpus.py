@@ -1,6 +1,6 @@
 """Build a real-English corpus from Debian packages alone, then tokenize it with `umv2 data prepare`.
 
-    python scripts/debian_corpus.py --out data/debian-en          # about 48 MB of text, 18M BPE tokens
+    python scripts/debian_corpus.py --out data/debian-en          # about 48 MB of text, 17.3M BPE tokens
 
 No download but Debian packages (`apt-get download`, nothing is installed; run it on Debian or Ubuntu):
 
