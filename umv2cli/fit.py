@@ -87,7 +87,7 @@ class Runs:
     run: np.ndarray
     """Index of the entry's run (into ``run_ids``)."""
     config: np.ndarray
-    """Index of the entry's configuration (P, m, N_a)."""
+    """Index of the entry's configuration (P, m, N_a), in the order of (P, m, N_a)."""
     dense: np.ndarray
     run_ids: tuple
     source: str
@@ -110,13 +110,8 @@ class Runs:
                    np.ones(n), P, m, zeros - 1)
 
     def subset(self, mask: np.ndarray) -> "Runs":
-        """The entries under ``mask``, with runs and configurations renumbered."""
-        kept, run = np.unique(self.run[mask], return_inverse=True)
-        _, config = np.unique(self.config[mask], return_inverse=True)
-        ids = tuple(self.run_ids[i] for i in kept)
-        pick = {f: getattr(self, f)[mask] for f in ("P", "m", "N", "D", "flops", "loss", "dense", "budget",
-                                                     "weight", "nominal_P", "nominal_m", "axes")}
-        return replace(self, run=run, config=config, run_ids=ids, **pick)
+        """The entries under ``mask`` (run and configuration indices keep their meaning)."""
+        return replace(self, **{f: getattr(self, f)[mask] for f in ARRAYS})
 
     def cells(self) -> "Runs":
         """One entry per (configuration, budget): its runs' mean log loss (and log tokens), weighted by their
@@ -136,6 +131,15 @@ class Runs:
 
     def budgets(self) -> int:
         return len(np.unique(self.budget))
+
+    def count(self, what: str) -> int:
+        """How many distinct runs ("run") or configurations ("config") the entries hold."""
+        return int(np.count_nonzero(np.bincount(getattr(self, what))))
+
+
+ARRAYS = ("P", "m", "N", "D", "flops", "loss", "run", "config", "dense", "budget", "weight", "nominal_P", "nominal_m",
+          "axes")
+"""The fields of `Runs` with one value per entry."""
 
 
 # -------------------------------------------------------------------------------------------------- reading
@@ -187,30 +191,31 @@ def runs_from_frame(df, where: str = "table") -> Runs:
     if "kind" in df.columns:
         dense |= (df["kind"].cast(pl.String) == "dense").fill_null(False).to_numpy()
     _check_values(values, dense, where)
-    ids = df["run_id"].cast(pl.String)
-    run_ids = tuple(ids.unique().sort().to_list())
-    run_of_row = (ids.rank("dense") - 1).cast(pl.Int64).to_numpy()
-    _, config_of_row = np.unique(np.stack([values["sparse_params"], values["topm"], values["activated_params"]],
-                                          axis=1), axis=0, return_inverse=True)
-    config_of_row = config_of_row.ravel()
-    shapes = np.unique(run_of_row * (config_of_row.max() + 1) + config_of_row)
-    twice = np.flatnonzero(np.bincount(shapes // (config_of_row.max() + 1)) > 1)
-    if len(twice):
-        raise UserError(*[f"{where}: run_id {run_ids[r]!r} has rows with different sparse_params/topm/"
-                          "activated_params; give each run one model shape" for r in twice[:5]])
-    budget = values.get("at_flops", values["tokens"])
-    _, budget_of_row = np.unique(budget, return_inverse=True)
-    _, first, entry = np.unique(run_of_row * (budget_of_row.max() + 1) + budget_of_row, return_index=True,
-                                return_inverse=True)
-    count = np.bincount(entry)
-    mean_log = lambda x: np.bincount(entry, np.log(x)) / count  # noqa: E731  a run's rows at one budget
     nominal = {c: np.where(np.isnan(values[g]), values[c], values[g]) if g in values else values[c]
                for c, g in (("sparse_params", GRID[0]), ("topm", GRID[1]))}
-    return Runs(values["sparse_params"][first], values["topm"][first], values["activated_params"][first],
-                np.exp(mean_log(values["tokens"])), values["flops_per_token"][first], np.exp(mean_log(values["loss"])),
-                run_of_row[first], np.unique(config_of_row[first], return_inverse=True)[1], dense[first],
-                run_ids, where, budget[first], np.ones(len(first)), nominal["sparse_params"][first],
-                nominal["topm"][first], _other_axes(df)[first])
+    rows = pl.DataFrame({"run_id": df["run_id"].cast(pl.String), "P": values["sparse_params"], "m": values["topm"],
+                         "N": values["activated_params"], "budget": values.get("at_flops", values["tokens"]),
+                         "lD": np.log(values["tokens"]), "flops": values["flops_per_token"],
+                         "lL": np.log(values["loss"]), "dense": dense, "nominal_P": nominal["sparse_params"],
+                         "nominal_m": nominal["topm"], "axes": _other_axes(df)})
+    shapes = rows.select("P", "m", "N").unique().sort("P", "m", "N").with_row_index("config")
+    rows = (rows.join(shapes, on=["P", "m", "N"]).with_columns(run=pl.col("run_id").rank("dense").cast(pl.Int64) - 1)
+            .sort("run", "budget"))
+    run, budget, config = (rows[c].to_numpy() for c in ("run", "budget", "config"))
+    same_run = run[1:] == run[:-1]
+    twice = np.unique(run[1:][same_run & (config[1:] != config[:-1])])
+    if len(twice):
+        raise UserError(*[f"{where}: run_id {rows['run_id'][int(np.searchsorted(run, r))]!r} has rows with different "
+                          "sparse_params/topm/activated_params; give each run one model shape" for r in twice[:5]])
+    # one entry per (run, budget): the same checkpoint reported twice counts once (in log loss)
+    first = np.flatnonzero(np.r_[True, ~same_run | (budget[1:] != budget[:-1])])
+    count = np.diff(np.r_[first, len(run)])
+    col = lambda c: rows[c].to_numpy()[first]  # noqa: E731
+    mean = lambda c: np.add.reduceat(rows[c].to_numpy(), first) / count  # noqa: E731
+    run_ids = tuple(rows["run_id"].gather(np.flatnonzero(np.r_[True, ~same_run])))
+    return Runs(col("P"), col("m"), col("N"), np.exp(mean("lD")), col("flops"), np.exp(mean("lL")), col("run"),
+                col("config").astype(np.int64), col("dense"), run_ids, where, col("budget"), np.ones(len(first)),
+                col("nominal_P"), col("nominal_m"), col("axes"))
 
 
 def _numbers(df, columns: list[str], where: str) -> dict[str, np.ndarray]:
@@ -368,12 +373,14 @@ def _budget_view(rows, flops: float) -> View:
 # ------------------------------------------------------------------------------------------ forms, uniformly
 
 def design_centre(runs: Runs) -> tuple[float, float, float, float]:
-    """log of the geometric means of P, m, N_a, D over the sparse configurations (over all entries for N_a, D)."""
+    """log of the geometric means of P, m over the sparse configurations and of N_a, D over the runs (the same
+    from a table's entries as from its cells)."""
     sp = ~runs.dense
     first = np.unique(runs.config[sp], return_index=True)[1] if sp.any() else np.array([], int)
     lP = np.log(runs.P[sp][first]).mean() if sp.any() else 0.0
     lm = np.log(runs.m[sp][first]).mean() if sp.any() else 0.0
-    return float(lP), float(lm), float(np.log(runs.N).mean()), float(np.log(runs.D).mean())
+    return (float(lP), float(lm), float(np.average(np.log(runs.N), weights=runs.weight)),
+            float(np.average(np.log(runs.D), weights=runs.weight)))
 
 
 def check_form(runs: Runs, form: str) -> None:
@@ -396,10 +403,10 @@ def check_form(runs: Runs, form: str) -> None:
         raise UserError(f"{where} needs ≥ 2 values of activated_params and of tokens; got {levels['N']} and "
                         f"{levels['D']}; use --form loglinear, or add runs at a second size and token budget")
     if form == "chinchilla":
-        need = 6 if levels["D"] > 1 else 4
-        if levels["N"] < 3 or n_cfg * max(1, levels["D"]) < need:
-            raise UserError(f"{where} needs ≥ 3 values of activated_params and ≥ {need} configurations and "
-                            f"budgets; got {levels['N']} and {len(np.unique(sp.config))}; add model sizes")
+        need, cells = 6 if levels["D"] > 1 else 4, len(sp.cells().loss) if len(sp.loss) else 0
+        if levels["N"] < 3 or cells < need:
+            raise UserError(f"{where} needs ≥ 3 values of activated_params and ≥ {need} (configuration, budget) "
+                            f"cells; got {levels['N']} and {cells}; add model sizes")
     if form == "leverage":
         ladder = runs.subset(runs.dense) if runs.dense.any() else None
         if ladder is None or len(np.unique(ladder.N)) < 3:
@@ -691,10 +698,10 @@ class Estimate:
 @one_blas_thread
 def estimate(runs: Runs, form: str, n_boot: int, seed: int, workers: int = 2, below: str = "drop") -> Estimate:
     """Fit ``form`` to the cells of ``runs``, bootstrap it (``n_boot`` = 0: no resample, no interval) and decide."""
-    check_form(runs, form)
-    centre = design_centre(runs)
-    data = runs.subset(form_rows(runs, form))
-    cells = data.cells()
+    every = runs.cells()
+    check_form(every, form)
+    centre = design_centre(every)
+    data, cells = runs.subset(form_rows(runs, form)), every.subset(form_rows(every, form))
     fit = fit_form(cells, form, centre, below_floor=below)
     eP, em = elasticities(form, fit, centre)
     boot = bootstrap(cells, form, fit, centre, n_boot, seed, workers, below) if n_boot else \
@@ -774,8 +781,6 @@ def iso_cost_pairs(runs: Runs, n_boot: int, seed: int) -> tuple[list, dict | Non
     favour density is descriptive. The sign test uses only pairs that share no configuration, picked from the grid
     alone (smallest k first, then smallest P), never from the losses.
     """
-    from scipy.stats import binomtest
-
     sp = runs.subset(~runs.dense)
     if not len(sp.loss):
         return [], None
@@ -809,7 +814,14 @@ def iso_cost_pairs(runs: Runs, n_boot: int, seed: int) -> tuple[list, dict | Non
     wins = sum(independent)
     return pairs, {"density_wins": sum(p["delta_loss"] < 0 for p in pairs), "pairs": len(pairs),
                    "independent_pairs": len(independent), "independent_density_wins": wins,
-                   "p_value": float(binomtest(wins, len(independent)).pvalue)}
+                   "p_value": sign_test(wins, len(independent))}
+
+
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided exact sign test: if each of ``n`` independent pairs favoured either side with chance ½, the
+    chance of a split at least as uneven as ``wins`` of ``n``."""
+    tail = sum(math.comb(n, i) for i in range(min(wins, n - wins) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def _difference_ci(a: np.ndarray, b: np.ndarray, n_boot: int, rng) -> list | None:
@@ -863,8 +875,8 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
         refits.append(View(f"with the {int(floor.sum())} cells below the dense ladder's loss floor, at a lower "
                            "bound of their leverage", below="bound"))
     report = {
-        "form": form, "source": runs.source, "fitted_on": fitted_on, "n_runs": len(est.data.run_ids),
-        "n_configs": int(len(np.unique(est.data.config))), "n_rows": int(len(est.data.loss)),
+        "form": form, "source": runs.source, "fitted_on": fitted_on, "n_runs": est.data.count("run"),
+        "n_configs": est.data.count("config"), "n_rows": int(len(est.data.loss)),
         "n_cells": int(len(est.cells.loss)), "params": fit.params, "params_ci": params_ci,
         "objective": fit.objective, "converged": fit.converged, "optimizer_message": fit.message,
         "start_objectives": list(fit.start_objectives),
@@ -905,7 +917,7 @@ def refit(view: View, runs: Runs, form: str, n_boot: int, seed: int, workers: in
         return {"refit": view.label, "skipped": e.problems[0].removeprefix(f"{runs.source}: ")}
     d = est.decision
     same_sign = None if d["delta"] is None else bool(np.sign(d["delta"]) == np.sign(main["delta"]))
-    return {"refit": view.label, "n_runs": len(est.data.run_ids), "verdict": d["verdict"],
+    return {"refit": view.label, "n_runs": est.data.count("run"), "verdict": d["verdict"],
             "verdict_reason": d["verdict_reason"], "holds": d["verdict"] == main["verdict"],
             "delta_sign_holds": same_sign, **{k: d[k] for k in ("e_m", "e_m_ci", "e_P", "e_P_ci", "delta",
                                                                    "delta_ci", "paper_trade", "paper_trade_ci")}}
