@@ -312,9 +312,10 @@ def views(table, sweep: Path | None, at_flops: Sequence[float], where: str) -> t
     import polars as pl
 
     done = table.filter(pl.col("status") == "done") if "status" in table.columns else table
+    if done.height == 0 and sweep:
+        raise UserError(f"{where}: no finished run yet ({table.height} runs); see `umv2 sweep status {sweep}`")
     if done.height == 0:
-        raise UserError(f"{where}: no finished run yet ({table.height} runs)"
-                        + (f"; see `umv2 sweep status {sweep}`" if sweep else ""))
+        raise UserError(f"{where}: the table has no rows (of status done); give at least one run per configuration")
     budgets = sorted(done["at_flops"].unique().to_list()) if "at_flops" in done.columns else []
     main = done.filter(pl.col("at_flops") == budgets[-1]) if budgets else done
     label = "the table's loss" + (f" at its largest budget, {budgets[-1]:.3g} training FLOPs" if budgets else "")
@@ -799,18 +800,17 @@ def iso_cost_pairs(runs: Runs, n_boot: int, seed: int) -> tuple[list, dict | Non
         if A[i] < 0:  # no grid.* columns: the same backbone
             partner &= np.abs(np.log(N / N[i])) <= math.log1p(BACKBONE_TOLERANCE)
         found += [(B[i], P[j] / P[i], P[i], m[i], i, j) for j in np.flatnonzero(partner)]
-    pairs, used, independent = [], set(), []
+    pairs, used = [], set()
     for budget_i, k, _, _, i, j in sorted(found):
         a, b = losses[i], losses[j]
         pairs.append({"density": {"P": float(P[i]), "m": float(m[i])}, "count": {"P": float(P[j]), "m": float(m[j])},
                       "tokens": float(sp.D[first[i]]), "budget": float(budget_i), "k": float(k),
                       "delta_loss": float(a.mean() - b.mean()), "delta_ci": _difference_ci(a, b, n_boot, rng),
-                      "n_density": len(a), "n_count": len(b)})
-        if not {i, j} & used:
-            used |= {i, j}
-            independent.append(pairs[-1]["delta_loss"] < 0)
+                      "n_density": len(a), "n_count": len(b), "in_sign_test": not {i, j} & used})
+        used |= {i, j} if pairs[-1]["in_sign_test"] else set()
     if not pairs:
         return pairs, None
+    independent = [p["delta_loss"] < 0 for p in pairs if p["in_sign_test"]]
     wins = sum(independent)
     return pairs, {"density_wins": sum(p["delta_loss"] < 0 for p in pairs), "pairs": len(pairs),
                    "independent_pairs": len(independent), "independent_density_wins": wins,
