@@ -130,6 +130,7 @@ class Runs:
                        nominal_m=self.nominal_m[first], axes=self.axes[first])
 
     def budgets(self) -> int:
+        """How many distinct budgets the entries hold."""
         return len(np.unique(self.budget))
 
     def count(self, what: str) -> int:
@@ -317,36 +318,45 @@ def views(table, sweep: Path | None, at_flops: Sequence[float], where: str) -> t
     if done.height == 0:
         raise UserError(f"{where}: the table has no rows (of status done); give at least one run per configuration")
     budgets = sorted(done["at_flops"].unique().to_list()) if "at_flops" in done.columns else []
-    main = done.filter(pl.col("at_flops") == budgets[-1]) if budgets else done
-    label = "the table's loss" + (f" at its largest budget, {budgets[-1]:.3g} training FLOPs" if budgets else "")
-    refits = [_pre_cooldown_view(main)]
+    main = _budget_view(done, budgets[-1]) if budgets else \
+        View("the final eval loss" if sweep else "the table's loss", done)
+    if main.frame is None:
+        raise UserError(f"{where}: {main.why_not} ({budgets[-1]:g} training FLOPs, the table's largest budget)")
+    if budgets:
+        main = replace(main, label=f"{main.label}, the table's largest budget")
+    refits = [_on(_pre_cooldown_view(main.frame))]
     if at_flops and budgets:
         absent = [f for f in at_flops if not any(math.isclose(f, b, rel_tol=1e-9) for b in budgets)]
         if absent:
             raise UserError(f"--at-flops {absent[0]:g}: the table has rows at {', '.join(f'{b:g}' for b in budgets)} "
                             "training FLOPs only; choose one of them, or give the sweep directory")
-        refits += [_budget_view(done, f) for f in at_flops]
+        refits += [_on(_budget_view(done, f)) for f in at_flops]
     elif at_flops and sweep:
         from umv2cli.sweeps.aggregate import aggregate
 
         at = aggregate(sweep, at_flops, write=False).filter(pl.col("status") == "done")
-        refits += [_budget_view(at, f) for f in at_flops]
+        refits += [_on(_budget_view(at, f)) for f in at_flops]
     elif at_flops:
         raise UserError(f"--at-flops: {where} is a table without an at_flops column; give the sweep directory "
                         "(its runs' eval curves give the loss at any budget) or a table from "
                         "`umv2 sweep aggregate --at-flops`")
     elif len(budgets) > 1:
-        refits.append(_budget_view(done, budgets[-2]))
+        refits.append(_on(_budget_view(done, budgets[-2])))
     else:
         refits.append(View("at a second token budget", why_not="no second budget given; `umv2 fit SWEEP --at-flops F` "
                                                             "refits the sweep's runs at F training FLOPs"))
-    return View(label, main), refits
+    return main, refits
+
+
+def _on(view: View) -> View:
+    """A table as a refit: "on <what it fits>"."""
+    return replace(view, label=f"on {view.label}")
 
 
 def _pre_cooldown_view(main) -> View:
     import polars as pl
 
-    label = "on the eval loss before the cooldown"
+    label = "the eval loss before the cooldown"
     if "loss_pre_cooldown" not in main.columns:
         return View(label, why_not="the table has no loss_pre_cooldown column; a sweep's results.parquet has one")
     pre = main.filter(pl.col("loss_pre_cooldown").is_not_null())
@@ -364,7 +374,7 @@ def _budget_view(rows, flops: float) -> View:
 
     at = rows.filter((pl.col("at_flops") - flops).abs() <= 1e-9 * flops)
     have = at.filter(pl.col("loss").is_not_null())
-    label = f"on the eval loss at {flops:.3g} training FLOPs"
+    label = f"the eval loss at {flops:.3g} training FLOPs"
     if have.height == 0:
         return View(label, why_not="no done run has evals on both sides of that budget")
     left_out = at["run_id"].n_unique() - have["run_id"].n_unique()
@@ -963,13 +973,14 @@ def robustness_text(r: dict) -> str:
     """The refits of the decision, and whether each keeps the verdict."""
     parts = []
     for e in r["robustness"]:
+        what = e["refit"]
         if "skipped" in e:
-            parts.append(f"{e['refit']}: not possible ({e['skipped']})")
+            parts.append(f"{what}: not possible ({e['skipped']})")
         elif e["holds"]:
-            parts.append(f"{e['refit']}: {e['verdict']}, the same verdict")
+            parts.append(f"{what}: {e['verdict']}, the same verdict")
         else:
             sign = "n/a" if e["delta_sign_holds"] is None else "holds" if e["delta_sign_holds"] else "reverses"
-            parts.append(f"{e['refit']}: {e['verdict']}, not the same verdict (Δ = {show(e['delta'])} "
+            parts.append(f"{what}: {e['verdict']}, not the same verdict (Δ = {show(e['delta'])} "
                          f"{show_ci(e['delta_ci'])}, its sign {sign})")
     return "Refit " + "; ".join(parts) + "."
 
