@@ -180,7 +180,7 @@ def test_95_percent_intervals_cover_the_truth_about_95_percent_of_the_time():
     covered = np.zeros(3, int)
     estimates, boot_var = [], []
     for draw in range(100):
-        cells = F.runs_from_frame(planted_loglinear(a, b, c, noise=0.01, seeds=2, rng=1000 + draw)).cells()
+        cells = F.runs_from_frame(planted_loglinear(a, b, c, noise=0.01, seeds=2, rng=1000 + draw)).cells
         centre = F.design_centre(cells)  # what `F.estimate` does, less its check of the optimum from more starts
         fit = laws.fit_loglinear(np.log(cells.P), np.log(cells.m), None, np.log(cells.loss), centre, cells.weight,
                                  check_starts=False)

@@ -35,6 +35,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,11 @@ class Runs:
         """The entries under ``mask`` (run and configuration indices keep their meaning)."""
         return replace(self, **{f: getattr(self, f)[mask] for f in ARRAYS})
 
+    @cached_property
     def cells(self) -> "Runs":
         """One entry per (configuration, budget): its runs' mean log loss (and log tokens), weighted by their
-        number, which becomes its ``weight``. The fits use cells, the errors and seed noise use runs."""
+        number, which becomes its ``weight``. The fits use cells, the errors and seed noise use runs. Computed
+        once per `Runs` (every form compared reads them)."""
         _, budget = np.unique(self.budget, return_inverse=True)
         _, first, cell = np.unique(self.config * (budget.max() + 1) + budget, return_index=True,
                                    return_inverse=True)
@@ -414,7 +417,7 @@ def check_form(runs: Runs, form: str) -> None:
         raise UserError(f"{where} needs ≥ 2 values of activated_params and of tokens; got {levels['N']} and "
                         f"{levels['D']}; use --form loglinear, or add runs at a second size and token budget")
     if form == "chinchilla":
-        need, cells = 6 if levels["D"] > 1 else 4, len(sp.cells().loss) if len(sp.loss) else 0
+        need, cells = 6 if levels["D"] > 1 else 4, len(sp.cells.loss) if len(sp.loss) else 0
         if levels["N"] < 3 or cells < need:
             raise UserError(f"{where} needs ≥ 3 values of activated_params and ≥ {need} (configuration, budget) "
                             f"cells; got {levels['N']} and {cells}; add model sizes")
@@ -709,7 +712,7 @@ class Estimate:
 @one_blas_thread
 def estimate(runs: Runs, form: str, n_boot: int, seed: int, workers: int = 2, below: str = "drop") -> Estimate:
     """Fit ``form`` to the cells of ``runs``, bootstrap it (``n_boot`` = 0: no resample, no interval) and decide."""
-    every = runs.cells()
+    every = runs.cells
     check_form(every, form)
     centre = design_centre(every)
     data, cells = runs.subset(form_rows(runs, form)), every.subset(form_rows(every, form))

@@ -488,14 +488,16 @@ def pairs_table(r: dict) -> str:
     rows = "".join(
         f"<tr><td>({si(p['density']['P'])}, {p['density']['m']:g})</td><td>({si(p['count']['P'])}, "
         f"{p['count']['m']:g})</td><td>{p['k']:.3g}</td><td>{si(p['tokens'])}</td><td>{p['delta_loss']:+.4f}</td>"
-        f"<td>{interval(p['delta_ci'])}</td><td>{p['n_density']} / {p['n_count']}</td></tr>"
+        f"<td>{interval(p['delta_ci'])}</td><td>{p['n_density']} / {p['n_count']}</td>"
+        f"<td>{'yes' if p['in_sign_test'] else '–'}</td></tr>"
         for p in r["iso_cost_pairs"])
     s = r["sign_test"]
     sign = (f"density wins {s['density_wins']} of {s['pairs']} pairs (descriptive: pairs share configurations); "
             f"{s['independent_density_wins']} of the {s['independent_pairs']} that share none, sign test p = "
             f"{s['p_value']:.3g}.") if s else ""
     return (f'<table class="small"><tr><th>density side (P, k·m)</th><th>count side (k·P, m)</th><th>k</th>'
-            f'<th>D</th><th>Δ loss</th><th>interval (seeds)</th><th>runs</th></tr>{rows}</table>'
+            f'<th>D</th><th>Δ loss</th><th>interval (seeds)</th><th>runs</th><th>in the sign test</th></tr>'
+            f'{rows}</table>'
             f'<p class="note">{esc(sign)}</p>')
 
 
