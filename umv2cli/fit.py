@@ -577,26 +577,34 @@ def bootstrap_weights(runs: Runs, n: int, seed: int) -> np.ndarray:
 
 
 @one_blas_thread
-def _refit_chunk(runs: Runs, form: str, centre: tuple, W: np.ndarray, start, below: str) -> np.ndarray:
-    """Refit each weight row of W; rows of [e_P, e_m, *params] (NaN where a refit failed)."""
-    out = []
+def _fit_each(runs: Runs, form: str, centre: tuple, W: np.ndarray, start, below: str) -> list:
+    """The law fitted with each weight row of W, from ``start``; None where a fit raised."""
+    fits = []
     for w in W:
         try:
-            f = fit_form(runs, form, centre, w, start, below)
-            eP, em = elasticities(form, f, centre)
-            vals = [np.nan if eP is None else eP, np.nan if em is None else em, *f.params.values()]
-            out.append(vals if np.all(np.isfinite(vals[2:])) and f.converged else [np.nan] * len(vals))
+            fits.append(fit_form(runs, form, centre, w, start, below))
         except (np.linalg.LinAlgError, ValueError):
-            out.append(None)
-    width = max(len(o) for o in out if o is not None) if any(o is not None for o in out) else 2
-    return np.array([o if o is not None else [np.nan] * width for o in out], float)
+            fits.append(None)
+    return fits
+
+
+def fit_each(runs: Runs, form: str, centre: tuple, W: np.ndarray, start, below: str = "drop",
+             workers: int = 2) -> list:
+    """`_fit_each` split over ``workers`` processes (in this one for fewer than 8 rows). The fits do not depend
+    on the number of workers."""
+    if workers <= 1 or len(W) < 8:
+        return _fit_each(runs, form, centre, W, start, below)
+    with ProcessPoolExecutor(workers) as pool:
+        parts = pool.map(_fit_each, [runs] * workers, [form] * workers, [centre] * workers,
+                         np.array_split(W, workers), [start] * workers, [below] * workers)
+        return [f for part in parts for f in part]
 
 
 @one_blas_thread
 def bootstrap(runs: Runs, form: str, fit, centre: tuple, n: int, seed: int, workers: int = 2,
               below: str = "drop") -> np.ndarray:
     """Refits of ``n`` case-bootstrap resamples (`bootstrap_weights`) of ``runs`` (cells, as a rule); rows
-    [e_P, e_m, *params], all NaN where a refit failed."""
+    [e_P, e_m, *params], all NaN where a refit failed (raised, did not converge, or gave a non-finite value)."""
     W = bootstrap_weights(runs, n, seed)
     if form == "loglinear":  # convex and linear: all resamples at once
         lD = np.log(runs.D) if "d" in fit.params else None
@@ -606,14 +614,12 @@ def bootstrap(runs: Runs, form: str, fit, centre: tuple, n: int, seed: int, work
         res = np.column_stack([theta[:, 1], theta[:, 2], params])
         res[~(ok & converged)] = np.nan
         return res
-    start = fit.theta
-    if workers <= 1 or n < 8:
-        return _refit_chunk(runs, form, centre, W, start, below)
-    chunks = np.array_split(W, workers)
-    with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_refit_chunk, [runs] * workers, [form] * workers, [centre] * workers, chunks,
-                              [start] * workers, [below] * workers))
-    return np.vstack(parts)
+    res = np.full((n, 2 + len(fit.params)), np.nan)
+    for i, f in enumerate(fit_each(runs, form, centre, W, fit.theta, below, workers)):
+        if f is not None and f.converged and np.all(np.isfinite(list(f.params.values()))):
+            eP, em = elasticities(form, f, centre)
+            res[i] = [np.nan if eP is None else eP, np.nan if em is None else em, *f.params.values()]
+    return res
 
 
 def percentile_ci(x: np.ndarray) -> list | None:
@@ -745,41 +751,45 @@ def seed_sigma(runs: Runs) -> float | None:
     return float(math.sqrt(np.sum((runs.loss - means[group]) ** 2) / np.sum(sizes - 1)))
 
 
-def heldout(est: Estimate, form: str) -> dict:
+def heldout(est: Estimate, form: str, workers: int = 2) -> dict:
     """Leave-one-configuration-out and extrapolation-corner errors of ``form``, in nats of loss: a refit on the
     other configurations' cells predicts each run of the held-out ones.
 
     The corner: sparse configurations with P and m both above their medians are predicted from the rest (for
-    chinchilla: the upper half of N_a from the lower half). Refits start from the full fit's parameters.
+    chinchilla: the upper half of N_a from the lower half). Refits start from the full fit's parameters; a
+    configuration whose rest cannot support the form, or whose refit fails, is not counted.
     """
     cells, data, centre = est.cells, est.data, est.centre
-
-    def errors(out: np.ndarray) -> np.ndarray | None:
-        """Errors of the runs of the configurations under ``out`` (a mask of cells), or None if the rest
-        cannot support the form."""
-        try:
-            check_form(cells.subset(~out), form)
-            f = fit_form(cells, form, centre, (~out).astype(float), est.fit.theta)
-        except UserError:
-            return None
-        rows = data.subset(np.isin(data.config, np.unique(cells.config[out])))
-        return np.exp(predict(rows, form, f, centre)) - rows.loss
-
     target = ~cells.dense if form == "leverage" else np.ones(len(cells.loss), bool)
-    loco = [e for c in np.unique(cells.config[target]) if (e := errors(cells.config == c)) is not None]
-    errs = np.concatenate(loco) if loco else np.array([])
-    result = {"loco_rmse": float(np.sqrt(np.mean(errs ** 2))) if len(errs) else None,
-              "loco_mae": float(np.mean(np.abs(errs))) if len(errs) else None,
-              "loco_configs": len(np.unique(cells.config[target])), "extrap_rmse": None, "extrap_configs": 0}
     if form == "chinchilla":
         corner = cells.N > np.median(np.unique(cells.N))
     else:
         sp = ~cells.dense
         corner = sp & (cells.P > np.median(np.unique(cells.P[sp]))) & (cells.m > np.median(np.unique(cells.m[sp])))
-    if corner.any() and (e := errors(corner)) is not None:
-        result |= {"extrap_rmse": float(np.sqrt(np.mean(e ** 2))),
-                   "extrap_configs": len(np.unique(cells.config[corner]))}
-    return result
+    held = [cells.config == c for c in np.unique(cells.config[target])] + ([corner] if corner.any() else [])
+    held = [out for out in held if supports(cells.subset(~out), form)]
+    fits = fit_each(cells, form, centre, np.array([~out for out in held], float), est.fit.theta,
+                    workers=1 if form == "loglinear" else workers)
+    errors = []
+    for out, f in zip(held, fits):
+        rows = data.subset(np.isin(data.config, np.unique(cells.config[out])))
+        errors.append(None if f is None else np.exp(predict(rows, form, f, centre)) - rows.loss)
+    loco = [e for out, e in zip(held, errors) if e is not None and out is not corner]
+    errs = np.concatenate(loco) if loco else np.array([])
+    extrap = next((e for out, e in zip(held, errors) if out is corner and e is not None), None)
+    return {"loco_rmse": float(np.sqrt(np.mean(errs ** 2))) if len(errs) else None,
+            "loco_mae": float(np.mean(np.abs(errs))) if len(errs) else None, "loco_configs": len(loco),
+            "extrap_rmse": None if extrap is None else float(np.sqrt(np.mean(extrap ** 2))),
+            "extrap_configs": 0 if extrap is None else len(np.unique(cells.config[corner]))}
+
+
+def supports(runs: Runs, form: str) -> bool:
+    """Whether ``runs`` can support ``form`` (`check_form` without its message)."""
+    try:
+        check_form(runs, form)
+    except UserError:
+        return False
+    return True
 
 
 def iso_cost_pairs(runs: Runs, n_boot: int, seed: int) -> tuple[list, dict | None]:
@@ -874,12 +884,12 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
     ok = np.all(np.isfinite(boot[:, 2:]), axis=1)
     names = list(fit.params)
     params_ci = {k: percentile_ci(boot[ok, 2 + i]) for i, k in enumerate(names)} if boot.shape[1] > 2 else {}
-    valid = {form: heldout(est, form)}
+    valid = {form: heldout(est, form, workers)}
     if compare:
         for other in FORMS:
             if other != form:
                 try:
-                    valid[other] = heldout(estimate(runs, other, 0, seed), other)
+                    valid[other] = heldout(estimate(runs, other, 0, seed), other, workers)
                 except UserError as e:
                     valid[other] = {"skipped": e.problems[0]}
     pairs, sign = iso_cost_pairs(runs, n_boot, seed)
