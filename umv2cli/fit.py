@@ -895,7 +895,8 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
     pairs, sign = iso_cost_pairs(runs, n_boot, seed)
     floor = below_floor(est.cells, fit) if form == "leverage" else np.zeros(len(est.cells.loss), bool)
     if floor.any():
-        refits.append(View(f"with the {int(floor.sum())} cells below the dense ladder's loss floor, at a lower "
+        n = int(floor.sum())
+        refits.append(View(f"with the {n} cell{'s' * (n != 1)} below the dense ladder's loss floor, at a lower "
                            "bound of their leverage", below="bound"))
     report = {
         "form": form, "source": runs.source, "fitted_on": fitted_on, "n_runs": est.data.count("run"),
