@@ -174,8 +174,8 @@ def read_table(path: Path | str) -> tuple["pl.DataFrame", Path | None, str]:
         raise UserError(f"{path}: cannot read as {kind} ({first}); give a .csv or .parquet runs table") from None
     if not set(COLUMNS) & set(df.columns):
         head = df.columns[0] if df.columns else ""
-        raise UserError(f"{path}: not a runs table (no column named {', '.join(COLUMNS[:3])}, …; its first line "
-                        f"reads {head[:60]!r}); give a CSV or Parquet table with the columns {', '.join(COLUMNS)}")
+        raise UserError(f"{path}: not a runs table (no column named {', '.join(COLUMNS[:3])}, …; its first column "
+                        f"is {head[:60]!r}); give a CSV or Parquet table with the columns {', '.join(COLUMNS)}")
     return df, None, str(path)
 
 
