@@ -92,8 +92,9 @@ def test_report_of_a_finished_sweep_opens_offline_draws_every_figure_and_is_not_
     seen = open_page(page, tmp_path)
     assert seen["console"] == []
     assert seen["requests"] == []
-    # curves, heatmap, slices, parity, bootstrap, tasks (no iso-cost pair here): each drawn by plotly.js
-    assert text.count('class="plotly-graph-div"') == seen["dom"].count('class="plot-container plotly"') == 6
+    # curves, heatmap, slices, parity, bootstrap, iso-cost pairs ((16k, 16) against (64k, 4) at the grid's nominal
+    # values: the planner rounds both P), tasks: each drawn by plotly.js
+    assert text.count('class="plotly-graph-div"') == seen["dom"].count('class="plot-container plotly"') == 7
     ink, colours = picture_stats(seen["png"])
     assert ink > 0.10 and colours > 500, (ink, colours)
     runs = pl.read_parquet(finished_sweep / "results.parquet")
@@ -172,3 +173,30 @@ def test_bad_paths_are_one_line_and_exit_2(tmp_path, umv2):
     assert code == 2 and "missing column `sparse_params`" in err
     code, out, err = umv2("report", two_runs(tmp_path / "two.parquet"), "--out", tmp_path / "no" / "dir.html")
     assert code == 2 and "no directory" in err and not (tmp_path / "no").exists()
+
+
+def test_the_verdict_box_gives_the_decision_its_reason_the_trade_and_what_was_not_measured(tmp_path, umv2):
+    import html
+
+    from fit_planted import planted_loglinear
+
+    # one run per configuration (no seed noise), and a bigger table hurts: R is not reported
+    planted_loglinear(0.009, -0.05, seeds=1).write_csv(tmp_path / "hurts.csv")
+    code, out, err = umv2("report", tmp_path / "hurts.csv", "--bootstrap", "200")
+    assert code == 0, err
+    text = html.unescape((tmp_path / "hurts-report.html").read_text())
+    box = text[text.index('class="verdict"'):text.index("<section>")]
+    assert "Density outranks sparse parameter count" in box and "a bigger table hurts (e_P's interval" in box
+    assert "R not reported" in box and "R is not reported: e_P's interval lies above 0" in box
+    assert "The paper's trade (halve P, triple m) changes log L by −0.0" in box and ": it helps here." in box
+    assert "Seed noise: not measured (no configuration has two seeds)." in box
+    assert "Bootstrap: 200 resamples of configurations with all their runs; every refit succeeded." in box
+    assert "Refit on the eval loss before the cooldown: not possible" in box
+    # Δ, e_m and e_P, each saying how many resamples lie outside the range it shows; no R panel
+    assert "Uncertainty of Δ, e_m and e_P</h2>" in text and text.count(" of 200 outside [") == 3
+
+    planted_loglinear(-0.02, -0.05).write_csv(tmp_path / "both.csv")  # both help: R is reported, and drawn
+    assert umv2("report", tmp_path / "both.csv", "--bootstrap", "200")[0] == 0
+    text = html.unescape((tmp_path / "both-report.html").read_text())
+    assert "Uncertainty of Δ, e_m and e_P and R</h2>" in text and text.count(" of 200 outside [") == 4
+    assert "Seed noise: σ = " in text

@@ -4,14 +4,16 @@ Reads a sweep directory (aggregated first, so the table is current; loss curves 
 metrics.jsonl) or a runs table (CSV or Parquet with `umv2cli.fit.COLUMNS`; no curves). Fits one law with
 the case bootstrap (`umv2cli.fit.run_fit`) on the runs that are done, and lays the page out top to bottom:
 
-1. the verdict: R = e_m/e_P with its 95% interval, and the sentence of scaling-anchors §1.10;
+1. the verdict and its reason (decided on the signs of e_m, e_P and Δ = e_m − e_P with their 95% intervals),
+   the paper's trade, the refits on other losses and budgets, the bootstrap's failures, the seed noise and
+   the report sentence (docs/fitting.md);
 2. the estimand: P, m, the matching condition, the grid, D, seeds, runs by state;
 3. training curves per run (train loss, smoothed; eval points), coloured by P, dashed by m;
 4. the final loss over the (P, m) grid, as a heatmap;
 5. loss against P at fixed m and against m at fixed P, observed points with the fitted curves;
 6. fitted against observed, and the residuals against log P and log m;
-7. the bootstrap distributions of R, e_m and e_P with their intervals; the fit's parameters and held-out
-   error of every form against the seed noise;
+7. the bootstrap distributions of Δ, e_m and e_P (and of R where it is defined) with their intervals; the
+   fit's parameters and held-out error of every form against the seed noise;
 8. the model-free iso-cost pairs (P, k·m) against (k·P, m);
 9. memory-task accuracies per configuration;
 10. the accounting table of every run, failed and unfinished ones included, with their reasons.
@@ -94,33 +96,32 @@ def done_rows(table: "pl.DataFrame") -> "pl.DataFrame":
 
 
 class FitResult:
-    """run_fit's report (with bootstrap resamples), the law itself for curves, or why there is no fit."""
+    """run_fit's report (with bootstrap resamples), the fitted law and its runs for curves, or why there is no fit."""
 
-    def __init__(self, report: dict | None = None, law=None, runs=None, centre=None, problem: str = ""):
-        self.report, self.law, self.runs, self.centre, self.problem = report, law, runs, centre, problem
+    def __init__(self, report: dict | None = None, est=None, problem: str = ""):
+        self.report, self.est, self.problem = report, est, problem
 
     def predict(self, P, m, N, D, flops) -> np.ndarray:
         """Fitted loss at arrays of (P, m, N_a, D, FLOPs/token)."""
         P, m, N, D, flops = np.broadcast_arrays(*(np.asarray(x, float) for x in (P, m, N, D, flops)))
-        n = len(P)
-        grid = fitting.Runs(P, m, N, D, flops, np.ones(n), np.zeros(n, int), np.zeros(n, int), np.zeros(n, bool),
-                            ("curve",), "curve")
-        return np.exp(fitting.predict(grid, self.report["form"], self.law, self.centre))
+        points = fitting.Runs.at(P, m, N, D, flops)
+        return np.exp(fitting.predict(points, self.report["form"], self.est.fit, self.est.centre))
 
 
 def fit_done_runs(table: "pl.DataFrame", form: str, n_boot: int, seed: int) -> FitResult:
-    """Fit ``form`` to the done runs; a table that cannot support it gives the reason instead."""
+    """Fit ``form`` to the done runs (with `umv2cli.fit.run_fit`'s refits); a table that cannot support it gives
+    the reason instead."""
     done = done_rows(table)
     if done.height == 0:
         return FitResult(problem="no finished run yet")
+    where = "the done runs"
     try:
-        runs = fitting.runs_from_frame(done, "the done runs")
-        report = fitting.run_fit(runs, form, n_boot, seed, resamples=True)
+        report = fitting.run_fit(done, form, n_boot, seed, resamples=True)
+        main, _ = fitting.views(done, None, (), where)
+        est = fitting.estimate(fitting.runs_from_frame(main.frame, where), form, 0, seed)
     except UserError as e:
-        return FitResult(problem=e.problems[0].removeprefix("the done runs: "))
-    centre = fitting.design_centre(runs)
-    data = runs.subset(fitting.form_rows(runs, form))
-    return FitResult(report, fitting.fit_form(data, form, centre), data, centre)
+        return FitResult(problem=e.problems[0].removeprefix(f"{where}: ").removeprefix("table: "))
+    return FitResult(report, est)
 
 
 def read_curves(sweep: Path, run_ids: list[str]) -> dict[str, "pl.DataFrame"]:
@@ -303,8 +304,8 @@ def fig_parity(result: FitResult):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    runs = result.runs
-    fitted = np.exp(fitting.predict(runs, result.report["form"], result.law, result.centre))
+    runs = result.est.data
+    fitted = np.exp(fitting.predict(runs, result.report["form"], result.est.fit, result.est.centre))
     resid = runs.loss - fitted
     ids = [esc(runs.run_ids[i]) for i in runs.run]
     fig = make_subplots(1, 3, horizontal_spacing=0.07, column_widths=[0.38, 0.31, 0.31],
@@ -330,29 +331,40 @@ def fig_parity(result: FitResult):
 
 
 def fig_bootstrap(result: FitResult):
-    """Histograms of the bootstrap refits of R, e_m and e_P; the estimate (solid) and 95% interval (dashed)."""
+    """Histograms of the bootstrap refits of Δ = e_m − e_P (the decision's quantity), e_m and e_P, and of R where
+    it is reported: the estimate (solid), the 95% interval (dashed), 0 (red, the decision's threshold; 1 for R).
+    Each shows its resamples' 1st–99th percentile range and says how many lie outside it (a ratio's tails can be
+    far)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     r, res = result.report, result.report["resamples"]
-    fig = make_subplots(1, 3, horizontal_spacing=0.07,
-                        subplot_titles=("R = e_m / e_P", "e_m = ∂log L/∂log m", "e_P = ∂log L/∂log P"))
-    for col, (key, colour) in enumerate((("R", "#0f766e"), ("e_m", "#7c3aed"), ("e_P", "#2563eb")), 1):
-        x = np.asarray(res[key])
+    panels = [("delta", "Δ = e_m − e_P", "#0f766e"), ("e_m", "e_m", "#7c3aed"), ("e_P", "e_P", "#2563eb")]
+    if res["R"] is not None:
+        panels.append(("R", "R = e_m / e_P", "#b45309"))
+    shown, titles = [], []
+    for key, title, _ in panels:
+        x = np.asarray(res[key], float)
         x = x[np.isfinite(x)]
-        if len(x) == 0:
-            continue
-        lo, hi = np.percentile(x, [0.5, 99.5])  # a ratio can have far tails; show the central 99%
-        fig.add_trace(go.Histogram(x=x[(x >= lo) & (x <= hi)], nbinsx=60, marker_color=colour, opacity=0.75,
-                                   showlegend=False, hovertemplate="%{x}<br>%{y} resamples<extra></extra>"), 1, col)
+        lo, hi = np.percentile(x, [1, 99]) if len(x) else (0.0, 0.0)
+        inside = x[(x >= lo) & (x <= hi)]
+        shown.append((inside, lo, hi))
+        titles.append(f"{title}<br><sup>{len(x) - len(inside)} of {len(res[key])} outside "
+                      f"[{lo:.3g}, {hi:.3g}]</sup>")
+    fig = make_subplots(1, len(panels), horizontal_spacing=0.06, subplot_titles=titles)
+    for col, ((key, _, colour), (x, lo, hi)) in enumerate(zip(panels, shown), 1):
+        fig.add_trace(go.Histogram(x=x, nbinsx=60, marker_color=colour, opacity=0.75, showlegend=False,
+                                   hovertemplate="%{x}<br>%{y} resamples<extra></extra>"), 1, col)
         ci = r[f"{key}_ci"]
         for v, style in [(r[key], "solid")] + ([(ci[0], "dash"), (ci[1], "dash")] if ci else []):
-            fig.add_vline(v, line=dict(color="#111827", dash=style, width=1.5), row=1, col=col)
-        if key == "R":
-            fig.add_vline(1, line=dict(color="#dc2626", width=2), row=1, col=col,
-                          annotation_text="R = 1", annotation_position="top right")
+            if lo <= v <= hi:
+                fig.add_vline(v, line=dict(color="#111827", dash=style, width=1.5), row=1, col=col)
+        threshold = 1.0 if key == "R" else 0.0
+        if lo <= threshold <= hi:
+            fig.add_vline(threshold, line=dict(color="#dc2626", width=2), row=1, col=col)
+        fig.update_xaxes(range=[lo - 0.02 * (hi - lo or 1), hi + 0.02 * (hi - lo or 1)], row=1, col=col)
     fig.update_yaxes(title="resamples", row=1, col=1)
-    return styled(fig, 380)
+    return styled(fig, 400)
 
 
 def fig_pairs(pairs: list[dict]):
@@ -399,6 +411,8 @@ def figure_html(fig) -> str:
 
 
 def verdict_box(result: FitResult) -> str:
+    """The decision, its reason, the numbers it rests on, the paper's trade, the refits, what the bootstrap could
+    not fit and the seed noise, each in plain words, then the report sentence and the rule."""
     if not result.report:
         return (f'<div class="verdict" style="--c:#6b7280"><div class="v-head">No verdict yet</div>'
                 f'<p>{esc(result.problem)}</p></div>')
@@ -406,14 +420,31 @@ def verdict_box(result: FitResult) -> str:
     head = {"density outranks": "Density outranks sparse parameter count",
             "count outranks": "Sparse parameter count outranks density",
             "inconclusive": "Inconclusive at this budget"}[r["verdict"]]
+    R = (f'R = <b>{num(r["R"], 3)}</b> {interval(r["R_ci"])}' if r["R"] is not None else "R not reported")
+    B, failed = r["bootstrap"]["B"], r["resamples_failed"]
+    boot = (f"Bootstrap: {B} resamples of configurations with all their runs; "
+            + (f"{failed} refits failed and are in no interval" if failed else "every refit succeeded")
+            + (f"; {r['R_infinite']} resamples gave an infinite R (e_P = 0), left out of R's interval"
+               if r["R_infinite"] else "") + ".")
+    noise = (f"Seed noise: σ = {num(r['seed_sigma'], 3)} nats between runs of one configuration."
+             if r["seed_sigma"] is not None else "Seed noise: not measured (no configuration has two seeds).")
+    below, above = ("below", "above") if fitting.helps(r["form"]) < 0 else ("above", "below")
+    rule = (f"Rule: “density outranks” only if the 95% intervals of e_m and of Δ = e_m − e_P lie {below} 0; “count "
+            f"outranks” only if e_P’s lies {below} 0 and Δ’s {above} 0; otherwise inconclusive. R = e_m/e_P is "
+            f"reported only where both elasticities lie {below} 0. {r['sign_convention']}.")
     return (f'<div class="verdict" style="--c:{VERDICT_COLOURS[r["verdict"]]}"><div class="v-head">{esc(head)}</div>'
-            f'<div class="v-nums"><span>R = <b>{num(r["R"], 3)}</b> {interval(r["R_ci"])}</span>'
+            f'<p class="reason">{esc(r["verdict_reason"])}.</p>'
+            f'<div class="v-nums"><span>Δ = e<sub>m</sub> − e<sub>P</sub> = <b>{num(r["delta"], 3)}</b> '
+            f'{interval(r["delta_ci"])}</span>'
             f'<span>e<sub>m</sub> = <b>{num(r["e_m"], 3)}</b> {interval(r["e_m_ci"])}</span>'
-            f'<span>e<sub>P</sub> = <b>{num(r["e_P"], 3)}</b> {interval(r["e_P_ci"])}</span>'
-            f'<span>{esc(r["form"])} law, {r["n_runs"]} runs, {r["n_configs"]} configurations</span></div>'
+            f'<span>e<sub>P</sub> = <b>{num(r["e_P"], 3)}</b> {interval(r["e_P_ci"])}</span><span>{R}</span>'
+            f'<span>{esc(r["form"])} law on {esc(r["fitted_on"])}, {r["n_runs"]} runs, {r["n_configs"]} '
+            f'configurations</span></div>'
+            f'<p class="trade">{esc(fitting.trade_text(r))}</p>'
+            f'<p class="robust">{esc(fitting.robustness_text(r))}</p>'
+            f'<p class="rule">{esc(boot)} {esc(noise)}</p>'
             f'<p class="sentence">{esc(r["sentence"])}</p>'
-            f'<p class="rule">Rule: “density outranks” only if the 95% interval of R lies above 1, “count outranks” '
-            f'if below, else inconclusive. {esc(r["sign_convention"])}.</p></div>')
+            f'<p class="rule">{esc(rule)}</p></div>')
 
 
 def estimand(table: "pl.DataFrame", done: "pl.DataFrame") -> str:
@@ -457,12 +488,16 @@ def pairs_table(r: dict) -> str:
     rows = "".join(
         f"<tr><td>({si(p['density']['P'])}, {p['density']['m']:g})</td><td>({si(p['count']['P'])}, "
         f"{p['count']['m']:g})</td><td>{p['k']:.3g}</td><td>{si(p['tokens'])}</td><td>{p['delta_loss']:+.4f}</td>"
-        f"<td>{interval(p['delta_ci'])}</td><td>{p['n_density']} / {p['n_count']}</td></tr>"
+        f"<td>{interval(p['delta_ci'])}</td><td>{p['n_density']} / {p['n_count']}</td>"
+        f"<td>{'yes' if p['in_sign_test'] else '–'}</td></tr>"
         for p in r["iso_cost_pairs"])
     s = r["sign_test"]
-    sign = f"density wins {s['density_wins']} of {s['pairs']} pairs; sign test p = {s['p_value']:.3g}." if s else ""
+    sign = (f"density wins {s['density_wins']} of {s['pairs']} pairs (descriptive: pairs share configurations); "
+            f"{s['independent_density_wins']} of the {s['independent_pairs']} that share none, sign test p = "
+            f"{s['p_value']:.3g}.") if s else ""
     return (f'<table class="small"><tr><th>density side (P, k·m)</th><th>count side (k·P, m)</th><th>k</th>'
-            f'<th>D</th><th>Δ loss</th><th>interval (seeds)</th><th>runs</th></tr>{rows}</table>'
+            f'<th>D</th><th>Δ loss</th><th>interval (seeds)</th><th>runs</th><th>in the sign test</th></tr>'
+            f'{rows}</table>'
             f'<p class="note">{esc(sign)}</p>')
 
 
@@ -500,7 +535,9 @@ header .sub { color: var(--muted); margin: 2px 0 18px; font-size: 13px; word-bre
 .v-head { font-size: 24px; font-weight: 700; color: var(--c); }
 .v-nums { display: flex; flex-wrap: wrap; gap: 8px 28px; margin: 8px 0; font-size: 16px; }
 .v-nums span:last-child { color: var(--muted); font-size: 14px; align-self: center; }
-.sentence { margin: 8px 0 4px; } .rule { color: var(--muted); font-size: 13px; margin: 0; }
+.reason { margin: 4px 0 6px; font-size: 16px; } .trade, .robust { margin: 4px 0; }
+.sentence { margin: 8px 0 4px; color: var(--muted); font-size: 13px; }
+.rule { color: var(--muted); font-size: 13px; margin: 2px 0; }
 section { background: white; border-radius: 10px; padding: 14px 18px; margin: 16px 0;
   box-shadow: 0 1px 3px rgba(0,0,0,.06); }
 h2 { font-size: 18px; margin: 4px 0 6px; } h3 { font-size: 15px; margin: 6px 0; }
@@ -545,14 +582,15 @@ def page(name: str, source: str, table: "pl.DataFrame", result: FitResult, curve
                          "residuals (a trend, a saddle, one-sided tails) means the form is wrong.",
                          figure_html(fig_parity(result)) + fit_details(r)))
         if "resamples" in r:
-            sections.append(("Uncertainty of R, e_m and e_P",
-                             f"Case bootstrap: {r['bootstrap']['B']} resamples of configurations, each with all its runs (seeds), "
-                             f"{r['bootstrap']['failed']} refits failed; solid line the estimate, dashed the 95% "
-                             "interval, red R = 1 (the decision threshold); the central 99% of each distribution "
-                             "shown.",
+            sections.append(("Uncertainty of Δ, e_m and e_P" + (" and R" if r["R"] is not None else ""),
+                             f"Case bootstrap: {r['bootstrap']['B']} resamples of configurations, each with all its "
+                             f"runs (seeds); {r['resamples_failed']} refits failed. Solid line the estimate, dashed "
+                             "the 95% interval, red the decision's threshold (0; 1 for R). The verdict reads Δ, e_m "
+                             "and e_P; R is shown only where both elasticities help.",
                              figure_html(fig_bootstrap(result))))
-        sections.append(("Iso-cost pairs", "Model-free check: (P, k·m) against (k·P, m), equal P·m, same D; "
-                         "Δ < 0 means the denser side has the lower loss. Intervals resample each side's seeds.",
+        sections.append(("Iso-cost pairs", "Model-free check: (P, k·m) against (k·P, m) at the grid's nominal "
+                         "values, equal P·m, same budget; Δ < 0 means the denser side has the lower loss. Intervals "
+                         "resample each side's seeds.",
                          (figure_html(fig_pairs(r["iso_cost_pairs"])) + pairs_table(r)) if r["iso_cost_pairs"] else
                          '<p class="note">No such pair at the same D in this grid.</p>'))
     else:

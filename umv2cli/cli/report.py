@@ -13,7 +13,8 @@ def report(
     out: Annotated[Path | None, typer.Option(help="The HTML file (default: PATH/report.html for a sweep, "
                                                   "<table>-report.html beside a table).")] = None,
     form: Annotated[Form, typer.Option(help="The law fitted for the verdict (as `umv2 fit --form`).")] = Form.loglinear,
-    bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples (runs, never checkpoints).")] = 2000,
+    bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples: configurations with all their "
+                                                       "runs, never checkpoints.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
 ) -> None:
     """Write one HTML file that opens offline (plotly.js inlined): the verdict, loss curves, the (P, m) grid,
