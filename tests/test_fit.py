@@ -7,7 +7,7 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from fit_planted import (CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
+from fit_planted import (row, CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
                          planted_leverage, planted_loglinear, planted_modulated)
 
 from umv2cli import fit as F
@@ -392,3 +392,19 @@ def test_a_table_of_a_million_rows_fits_in_under_30_seconds(tmp_path):
     assert (r["n_rows"], r["n_runs"], r["n_configs"], r["n_cells"]) == (1_000_000, 500_000, 16, 32)
     assert r["verdict"] == "density outranks" and len(r["iso_cost_pairs"]) == 28 and "d" in r["params"]
     assert r["seed_sigma"] == pytest.approx(0.01 * np.exp(log_loss).mean(), rel=0.05)
+
+
+def test_reference_rows_are_set_beside_the_grid_not_fitted():
+    grid = planted_loglinear(-0.02, -0.05, 0.001).with_columns(reference=pl.lit(False), kind=pl.lit("ultramemv2"))
+    refs = pl.DataFrame([row("dense-0", 0, 0, 2e8, 4e9, 4e8, 0, 3.0), row("moe-0", 5e8, 2, 2e8, 4e9, 4e8, 0, 2.9),
+                         row("moe-1", 5e8, 2, 2e8, 4e9, 4e8, 1, 2.8)]).with_columns(
+        reference=pl.lit(True), kind=pl.Series(["dense", "moe", "moe"]))
+    with_refs = F.run_fit(pl.concat([grid, refs], how="diagonal_relaxed"), "loglinear", 200, 3, compare=False)
+    without = F.run_fit(grid, "loglinear", 200, 3, compare=False)
+    assert with_refs["n_runs"] == without["n_runs"] == 32 and with_refs["params"] == without["params"]
+    dense, moe = with_refs["references"]
+    assert (dense["label"], dense["runs"], dense["loss"]) == ("dense", 1, 3.0)
+    assert (moe["label"], moe["runs"]) == ("moe", 2) and moe["loss"] == pytest.approx(2.85)
+    configs = grid.group_by("sparse_params", "topm").agg(pl.col("loss").mean())["loss"]
+    assert dense["grid_best"] == pytest.approx(configs.min()) and dense["grid_worst"] == pytest.approx(configs.max())
+    assert without["references"] == []

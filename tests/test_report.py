@@ -200,3 +200,21 @@ def test_the_verdict_box_gives_the_decision_its_reason_the_trade_and_what_was_no
     text = html.unescape((tmp_path / "both-report.html").read_text())
     assert "Uncertainty of Δ, e_m and e_P and R</h2>" in text and text.count(" of 200 outside [") == 4
     assert "Seed noise: σ = " in text
+
+
+def test_reference_models_are_set_beside_the_grid_in_the_verdict_box_and_kept_out_of_its_figures(tmp_path, umv2):
+    import html
+
+    from fit_planted import planted_loglinear, row
+
+    grid = planted_loglinear(-0.02, -0.05).with_columns(reference=pl.lit(False), kind=pl.lit("ultramemv2"))
+    refs = pl.DataFrame([row("dense-0", 0, 0, 2e8, 4e9, 4e8, 0, 3.25), row("moe-0", 7e8, 2, 2e8, 4e9, 4e8, 0, 3.5)])
+    refs = refs.with_columns(reference=pl.lit(True), kind=pl.Series(["dense", "moe"]))
+    pl.concat([grid, refs], how="diagonal_relaxed").write_csv(tmp_path / "refs.csv")
+    code, out, err = umv2("report", tmp_path / "refs.csv", "--bootstrap", "200")
+    assert code == 0, err
+    text = html.unescape((tmp_path / "refs-report.html").read_text())
+    box = text[text.index('class="verdict"'):text.index("<section>")]
+    assert "Reference dense (dense, 1 run, 400M FLOPs/token, not fitted): loss <b>3.25</b>, against" in box
+    assert "Reference moe (moe, 1 run" in box and "32 runs, 16 configurations" in box
+    assert "7e+08" not in text and "700M" not in text.split("Every run")[0]  # the MoE is in no grid figure

@@ -266,8 +266,6 @@ def test_layer_health_reads_a_sample_of_health_tokens_whatever_the_number_of_eva
         sum(samples) == health_sample_bytes(len(cfg.sparse_pairs()), cfg.d_model, 48)
 
 
-@pytest.mark.xfail(strict=True, reason="train.evaluate keeps `u.flatten(0, -2)[:n]`, a view that holds the whole "
-                                       "first eval batch's input of every memory layer; `.clone()` the slice")
 def test_layer_health_keeps_no_eval_batch_alive(monkeypatch):
     _, pinned = health_run(monkeypatch, 3)
     assert pinned == 0

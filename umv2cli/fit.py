@@ -29,6 +29,9 @@ entry. The laws are fitted to cells, one per (configuration, budget): the mean l
 their number, so a table of 10⁶ rows fits as fast as its cells. Dense rows (``sparse_params`` == 0, or a
 ``kind`` column equal to "dense") form the dense ladder used only by `leverage`; the other sparse forms drop
 them and `chinchilla` fits every row.
+
+References. Rows with a true ``reference`` column (a recipe's `[[references]]`: e.g. a dense and an MoE model at
+the grid's FLOPs per token) are not fitted: `reference_losses` sets each one's loss beside the grid's.
 """
 
 import math
@@ -872,13 +875,16 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
     bad = [f for f in at_flops if not (math.isfinite(f) and f > 0)]
     if bad:
         raise UserError(f"--at-flops {bad[0]:g}: a budget must be a positive number of training FLOPs, e.g. 1e15")
+    references = []
     if isinstance(source, Runs):
         runs, fitted_on = source, "the table's loss"
         refits = [View("on other losses or budgets", why_not="the fit was given arrays, not a table")]
     else:
         table, sweep, where = read_table(source) if isinstance(source, (str, Path)) else (source, None, "table")
+        table, reference_rows = split_references(table)
         main, refits = views(table, sweep, at_flops, where)
         runs, fitted_on = runs_from_frame(main.frame, where), main.label
+        references = reference_losses(reference_rows, main.frame)
     est = estimate(runs, form, n_boot, seed, workers)
     fit, boot, d = est.fit, est.boot, est.decision
     ok = np.all(np.isfinite(boot[:, 2:]), axis=1)
@@ -912,7 +918,7 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
         "heldout_rmse": valid[form]["loco_rmse"], "heldout_mae": valid[form]["loco_mae"],
         "extrapolation_rmse": valid[form]["extrap_rmse"], "seed_sigma": seed_sigma(est.data), "forms_heldout": valid,
         "iso_cost_pairs": pairs, "sign_test": sign, "range": _ranges(est.data),
-        "below_floor": _floor_cells(est.cells, floor),
+        "below_floor": _floor_cells(est.cells, floor), "references": references,
     }
     report["robustness"] = [refit(v, runs, form, n_boot, seed, workers, report) for v in refits]
     report["sentence"] = sentence(report)
@@ -922,6 +928,42 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
                                "paper_trade": (bm * LN3 - bP * LN2).tolist(),
                                "R": (bm / bP).tolist() if d["R"] is not None else None}
     return report
+
+
+def split_references(table) -> tuple["pl.DataFrame", "pl.DataFrame | None"]:
+    """(the rows to fit, the reference rows or None): a true ``reference`` column marks a reference."""
+    import polars as pl
+
+    if "reference" not in table.columns:
+        return table, None
+    is_ref = pl.col("reference").cast(pl.Boolean).fill_null(False)
+    return table.filter(~is_ref), table.filter(is_ref)
+
+
+def reference_losses(refs, grid) -> list[dict]:
+    """Each reference model's loss beside the grid's: its label (``grid.model`` or ``kind``), kind, runs, mean loss,
+    FLOPs/token, and the grid configurations' best, median and worst mean loss. Done rows only; in a table of
+    budgets, each at the grid rows' (largest) budget."""
+    import polars as pl
+
+    if refs is None:
+        return []
+    if "status" in refs.columns:
+        refs = refs.filter(pl.col("status") == "done")
+    if "at_flops" in refs.columns and "at_flops" in grid.columns and grid.height:
+        refs = refs.filter(pl.col("at_flops") == grid["at_flops"].max())
+    refs = refs.filter(pl.col("loss").is_not_null())
+    if refs.height == 0:
+        return []
+    label = pl.col("grid.model") if "grid.model" in refs.columns else pl.col("kind")
+    keys = ["sparse_params", "topm", "activated_params"]
+    configs = grid.filter(pl.col("loss").is_not_null()).group_by(keys).agg(pl.col("loss").mean())["loss"]
+    beside = {"grid_best": float(configs.min()), "grid_median": float(configs.median()),
+              "grid_worst": float(configs.max())} if len(configs) else {}
+    out = refs.group_by(label.alias("label"), "kind", maintain_order=True).agg(
+        runs=pl.len(), loss=pl.col("loss").mean(), loss_std=pl.col("loss").std(),
+        flops_per_token=pl.col("flops_per_token").mean())
+    return [{**row, **beside} for row in out.to_dicts()]
 
 
 def _floor_cells(cells: Runs, floor: np.ndarray) -> list[dict]:

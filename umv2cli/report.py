@@ -117,7 +117,7 @@ def fit_done_runs(table: "pl.DataFrame", form: str, n_boot: int, seed: int) -> F
     where = "the done runs"
     try:
         report = fitting.run_fit(done, form, n_boot, seed, resamples=True)
-        main, _ = fitting.views(done, None, (), where)
+        main, _ = fitting.views(fitting.split_references(done)[0], None, (), where)
         est = fitting.estimate(fitting.runs_from_frame(main.frame, where), form, 0, seed)
     except UserError as e:
         return FitResult(problem=e.problems[0].removeprefix(f"{where}: ").removeprefix("table: "))
@@ -441,28 +441,43 @@ def verdict_box(result: FitResult) -> str:
             f'<span>{esc(r["form"])} law on {esc(r["fitted_on"])}, {r["n_runs"]} runs, {r["n_configs"]} '
             f'configurations</span></div>'
             f'<p class="trade">{esc(fitting.trade_text(r))}</p>'
-            f'<p class="robust">{esc(fitting.robustness_text(r))}</p>'
+            f'<p class="robust">{esc(fitting.robustness_text(r))}</p>{references_text(r)}'
             f'<p class="rule">{esc(boot)} {esc(noise)}</p>'
             f'<p class="sentence">{esc(r["sentence"])}</p>'
             f'<p class="rule">{esc(rule)}</p></div>')
 
 
+def references_text(r: dict) -> str:
+    """One line per reference model (not fitted): its loss beside the grid configurations' best and median."""
+    return "".join(
+        f'<p class="robust">Reference {esc(ref["label"])} ({esc(ref["kind"])}, {ref["runs"]} run'
+        f'{"s" * (ref["runs"] != 1)}, {si(ref["flops_per_token"])} FLOPs/token, not fitted): loss '
+        f'<b>{num(ref["loss"])}</b>, against the grid\'s best configuration {num(ref["grid_best"])} and its median '
+        f'{num(ref["grid_median"])}.</p>' for ref in r.get("references", []))
+
+
 def estimand(table: "pl.DataFrame", done: "pl.DataFrame") -> str:
+    """The grid (P, m, matching, D, seeds, the layer's kind), the references beside it, and how far the runs got."""
     runs = table.unique("run_id", maintain_order=True)
     states = " · ".join(f"{n} {s}" for s, n in runs.group_by("status").len().sort("status").iter_rows())
     match = runs["match"][0] if "match" in runs.columns else "not recorded"
-    Ps = ", ".join(si(p) for p in sorted(runs["sparse_params"].unique().to_list()))
-    ms = ", ".join(f"{m:g}" for m in sorted(runs["topm"].unique().to_list()))
+    grid, refs = fitting.split_references(runs)
+    Ps = ", ".join(si(p) for p in sorted(grid["sparse_params"].unique().to_list()))
+    ms = ", ".join(f"{m:g}" for m in sorted(grid["topm"].unique().to_list()))
     D = ", ".join(si(d) for d in sorted(table["tokens"].unique().to_list()))
     seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique().to_list()))
     spread = "–"
     if done.height:
         f = done["flops_per_token"]
         spread = f"{100 * (f.max() / f.min() - 1):.2g}%"
-    kinds = ", ".join(sorted(runs["kind"].drop_nulls().unique().to_list())) if "kind" in runs.columns else "–"
+    kinds = ", ".join(sorted(grid["kind"].drop_nulls().unique().to_list())) if "kind" in grid.columns else "–"
     items = [("P", f"total sparse parameters: {Ps}"), ("m", f"activated memory values per token: {ms}"),
              ("matching", f"{match} (FLOPs/token spread among done runs {spread})"), ("D", f"tokens per run: {D}"),
              ("seeds", seeds), ("layer", kinds), ("runs", f"{runs.height}: {states}")]
+    if refs is not None and refs.height:
+        label = "grid.model" if "grid.model" in refs.columns else "kind"
+        items.insert(6, ("references", ", ".join(str(x) for x in refs[label].unique(maintain_order=True)) +
+                         " (same matching; not fitted)"))
     return '<dl class="estimand">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items) + "</dl>"
 
 
@@ -561,7 +576,7 @@ def page(name: str, source: str, table: "pl.DataFrame", result: FitResult, curve
     import umv2cli
 
     done = done_rows(table)
-    grid = grid_rows(done)
+    grid = grid_rows(fitting.split_references(done)[0])  # references are set beside the grid, in the verdict box
     sections = [("The question", "What is compared, over which grid, and how far the sweep got.",
                  estimand(table, done))]
     if curves:

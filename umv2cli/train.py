@@ -170,7 +170,7 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
     def keep_sample(i: int, u: torch.Tensor) -> None:
         kept = sum(len(t) for t in inputs.get(i, []))
         if kept < HEALTH_TOKENS:
-            inputs.setdefault(i, []).append(u.flatten(0, -2)[:HEALTH_TOKENS - kept])
+            inputs.setdefault(i, []).append(u.flatten(0, -2)[:HEALTH_TOKENS - kept].clone())  # not a view of the batch
 
     hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: keep_sample(i, args[0]))
              for i, layer in enumerate(model.sparse) if isinstance(layer, UltraMemV2)]

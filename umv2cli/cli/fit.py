@@ -62,6 +62,10 @@ def fit(
                    + ("R not reported" if r["R"] is None else f"R = {show(r['R'])} {show_ci(r['R_ci'])}"))
         typer.echo(trade_text(r))
     typer.echo(robustness_text(r))
+    for ref in r["references"]:
+        typer.echo(f"reference {ref['label']} ({ref['kind']}, {ref['runs']} run{'s' * (ref['runs'] != 1)}): loss "
+                   f"{ref['loss']:.4f} at {ref['flops_per_token']:.3g} FLOPs/token; the grid's configurations "
+                   f"{ref['grid_best']:.4f} (best) / {ref['grid_median']:.4f} (median) / {ref['grid_worst']:.4f} (worst)")
     typer.echo(f"verdict: {r['verdict']}: {r['verdict_reason']}")
     typer.echo(r["sentence"])
 
