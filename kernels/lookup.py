@@ -315,7 +315,9 @@ def memory_lookup(
     if resolve_impl(impl, table_TD, "memory_lookup") == "torch":
         if same:
             return memory_lookup_reference(x_p_BP, table_TD, rows_BM, scores_BMC, act)
-        return memory_lookup_reference(x_p_BP, table_TD.to(read_dtype), rows_BM, scores_BMC, act).to(read_dtype)
+        dtype = table_TD.dtype  # rows rounded to read_dtype, arithmetic in the table's dtype, as the kernels
+        read_TD = table_TD.to(read_dtype).to(dtype)
+        return memory_lookup_reference(x_p_BP.to(dtype), read_TD, rows_BM, scores_BMC.to(dtype), act).to(read_dtype)
     read_TD = None if same else table_TD.detach().to(read_dtype)
     args = (x_p_BP.contiguous(), table_TD, read_TD, rows_BM.contiguous(), scores_BMC.contiguous(), act)
     if torch.compiler.is_compiling():
