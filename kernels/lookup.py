@@ -207,12 +207,17 @@ def mem_bwd(x_p_BP, table_TD, rows_BM, scores_BMC, h_BM, do_BV, act="none", *, g
         grad_TD = torch.zeros(T, P + V, dtype=torch.float32, device=do_BV.device)
     sorted_L, order_L = sort_by_row(rows_BM, T)
     ds_BMC, dz_BM = mem_bwd_rows(table_TD, sorted_L, order_L, scores_BMC, h_BM, x_p_BP, do_BV, grad_TD, act)
-    dx_BP = torch.empty_like(x_p_BP)
+    return mem_bwd_x(table_TD, rows_BM, dz_BM, torch.empty_like(x_p_BP)), grad_TD, ds_BMC
+
+
+def mem_bwd_x(table_TD, rows_BM, dz_BM, dx_BP):
+    """The x_p pass: dx_p = Σ_j dz_j P[p_j] into dx_BP [B, D_p] (nothing to do when D_p = 0)."""
+    (B, M), P = rows_BM.shape, dx_BP.shape[1]
     if P and B:
         block_p = max(16, triton.next_power_of_2(P))
-        _mem_bwd_x_kernel[(B,)](table_TD, rows_BM, dz_BM, dx_BP, M, P, V, BLOCK_P=block_p,
+        _mem_bwd_x_kernel[(B,)](table_TD, rows_BM, dz_BM, dx_BP, M, P, table_TD.shape[1] - P, BLOCK_P=block_p,
                                 TILE=max(1, min(32, TILE_ELEMENTS // block_p)), num_warps=4)
-    return dx_BP, grad_TD, ds_BMC
+    return dx_BP
 
 
 # ------------------------------------------------------------------------------------------------

@@ -114,8 +114,8 @@ def _require_cuda() -> None:
 
 @app.command()
 def kernels(as_json: AsJson = False) -> None:
-    """The value lookup's forward and forward+backward over paper-like shapes, against copy bandwidth,
-    PyTorch, torch.compile and F.embedding_bag (CUDA)."""
+    """The value lookup's forward over paper-like shapes against copy bandwidth, PyTorch and F.embedding_bag, its
+    backward over its forward and in parts; the selection against PyTorch and torch.compile (CUDA)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_kernels
 
@@ -134,7 +134,8 @@ def layer(
     tokens: Annotated[int, typer.Option(min=1, help="Tokens per call.")] = 16384,
     as_json: AsJson = False,
 ) -> None:
-    """One UltraMemV2 layer, forward and forward+backward under bf16 autocast: Triton, PyTorch, torch.compile (CUDA)."""
+    """One UltraMemV2 layer, forward and forward+backward under bf16 autocast: Triton and PyTorch, each eager and
+    under torch.compile (CUDA)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_layer
 
@@ -145,6 +146,28 @@ def layer(
     _print_rows(rows, f"{preset}: one memory layer")
 
 
+@app.command(name="all")
+def all_sections(
+    out: Annotated[str, typer.Option(help="Folder for results.json and results.txt (written after each section).")],
+    preset: Annotated[str, typer.Option(help="The UltraMemV2 preset of the layer and training sections.")]
+    = "ultramemv2-227m",
+    sections: Annotated[list[str] | None, typer.Option("--section", help="Run only these sections, in this order "
+                                                       "(kernels, layer, train, curves, train_compiled, select).")] = None,
+    budget_s: Annotated[float, typer.Option(min=0, help="Start no section after this many seconds.")] = 420.0,
+) -> None:
+    """Every speed of issue 15 in one run (CUDA): the lookup's backward over its forward and its forward against
+    copy bandwidth; one layer against PyTorch and torch.compile; training tokens/s of UltraMemV2, MoE and dense,
+    eager and compiled; the loss curves of the Triton path against the references; the goals met or not."""
+    _require_cuda()
+    from umv2cli.errors import UserError
+    from umv2cli.kernel_bench import SECTIONS, render, run_all
+
+    unknown = sorted(set(sections or []) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"--section {', '.join(unknown)}: unknown; use some of {', '.join(SECTIONS)}")
+    typer.echo(render(run_all(out, preset, sections or SECTIONS, budget_s)))
+
+
 @app.command(name="train")
 def train_speed(
     preset: Annotated[str, typer.Option(help="The UltraMemV2 preset; MoE and dense match its activated params.")] = "ultramemv2-227m",
@@ -153,7 +176,8 @@ def train_speed(
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per model.")] = 10,
     as_json: AsJson = False,
 ) -> None:
-    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 and dense at equal activated params (CUDA)."""
+    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 and dense at equal activated params (CUDA),
+    eagerly (`umv2 bench all` adds compiled runs)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_train
 
