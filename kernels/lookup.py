@@ -48,8 +48,8 @@ def memory_lookup_reference(
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton kernels (code-anchors "Implications": K2 mem_fwd; the backward is K34 in value_grad.py,
-# which reads the lookups in row order (row_sort.py), then a token-major pass for x_p). Names
+# Triton kernels (K2 mem_fwd; the backward is K34 in value_grad.py, which reads the lookups in row
+# order (row_sort.py), then a token-major pass for x_p). Names
 # follow the math above: h_j = <P[p_j], x_p> (pre-activation), z_j = act(h_j). One program per
 # token loads TILE lookups at a time; the row layout and its int64 addressing are rows.py's;
 # everything accumulates in fp32 (no tl.dot, so bf16 is exact under the interpreter too).

@@ -58,13 +58,14 @@ def segment_sum(a, id_a, b, id_b):
     return tl.where(id_a == id_b, a + b, b), id_b
 
 
-def launch_dims(C: int, P: int, V: int) -> dict:
+def launch_dims(C: int, P: int, V: int, tile_elements: int = TILE_ELEMENTS) -> dict:
     """The shared launch arguments of the lookup kernels: sizes, D_p > 0, power-of-two blocks,
-    lookups per tile and warps."""
+    lookups per tile (a [TILE, C, W] tile of about `tile_elements`) and warps (4 per 2048
+    elements of a tile)."""
     W = V // C
     block_p = max(16, triton.next_power_of_2(max(P, 1)))
     block_c, block_w = triton.next_power_of_2(C), max(16, triton.next_power_of_2(W))
     per_lookup = block_c * block_w
-    tile = max(1, min(32, TILE_ELEMENTS // per_lookup))
-    return dict(D_P=P, D_V=V, W=W, C=C, HAS_P=P > 0, BLOCK_P=block_p, BLOCK_C=block_c,
-                BLOCK_W=block_w, TILE=tile, num_warps=4 if tile * per_lookup <= TILE_ELEMENTS else 8)
+    tile = max(1, min(32, tile_elements // per_lookup))
+    return dict(D_P=P, D_V=V, W=W, C=C, HAS_P=P > 0, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_W=block_w,
+                TILE=tile, num_warps=min(8, max(4, 4 * tile * per_lookup // TILE_ELEMENTS)))

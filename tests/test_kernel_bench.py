@@ -1,6 +1,9 @@
 """`umv2 bench all`'s bookkeeping, without a GPU: the goals of issue 15 read from a results dict of
 the shape `run_all` writes, and the text tables (the measurements themselves need CUDA)."""
 
+import pytest
+import torch
+
 from umv2cli.kernel_bench import done_when, render
 
 
@@ -52,3 +55,10 @@ def test_render_prints_goals_tables_and_failures():
     assert "training dense (iso-activated) (compiled True): RuntimeError: no" in text
     assert "bwd_touched_over_fwd" in text.splitlines()[text.splitlines().index(
         "value lookup, bf16 rows (fp32 gradient)") + 1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the command runs the benchmarks")
+def test_bench_all_without_cuda_is_one_line_and_writes_nothing(umv2, tmp_path):
+    code, out, err = umv2("bench", "all", "--out", tmp_path / "bench")
+    assert code == 2 and "needs a CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bench").exists()

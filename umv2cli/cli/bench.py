@@ -97,9 +97,10 @@ def _print_rows(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(*rows[0].keys(), title=title)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may lack columns (an error, a skipped part)
+    table = Table(*keys, title=title)
     for r in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.get(k, "") for k in keys)))
     Console().print(table)
 
 
@@ -124,7 +125,7 @@ def kernels(as_json: AsJson = False) -> None:
         print(json.dumps(result, indent=2))
         return
     typer.echo(f"{result['device']}: copy {result['copy_TBps']:.2f} TB/s")
-    _print_rows([r for r in result["lookup"] if "skipped" not in r], "memory lookup, bf16")
+    _print_rows([r for r in result["lookup"] if "skipped" not in r and "error" not in r], "memory lookup, bf16")
     _print_rows(result["select"], "TDQKR selection, fp32 scores")
 
 

@@ -220,7 +220,13 @@ def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[tuple[
     assembles the pool's gradient once, by concatenation. Given the whole pool instead, every
     layer returns a gradient of the whole pool and autograd adds L_m of them (L_m memsets and
     L_m adds of the pool per step). Used with the Triton kernels; the references keep the
-    whole pool."""
+    whole pool.
+
+    The gradient stays dense (each window's untouched rows are zeros) for plain AdamW, which
+    moves every row every step (weight decay, and the momentum of rows touched before): a
+    row-sparse update equal to it would have to replay the skipped steps of each row. At the
+    paper's batch sizes a step touches nearly every row anyway (16k tokens × m = 32 lookups over
+    a 360² table: about 4 per row), so it would save little."""
     cfg = layers[0].cfg
     if cfg.share_layers != 1 or resolve_impl(cfg.kernels, pool_TD, "UltraMemV2") != "triton":
         return None
