@@ -224,3 +224,18 @@ def test_kernels_switch_picks_selection_and_lookup(kernels, select_node, lookup_
     p_BM, scores_BMC = layer.select(u_BH)
     o_BV = layer.lookup(layer.w_pre(u_BH), p_BM, scores_BMC)
     assert (scores_BMC.grad_fn.name(), o_BV.grad_fn.name()) == (select_node, lookup_node)
+
+
+def test_pool_windows_give_each_layer_its_home_table_on_the_triton_path():
+    from umv2cli.model.ultramemv2 import pool_windows
+
+    cfg = dataclasses.replace(TINY, kernels="triton")
+    layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
+    n2 = cfg.knum**2
+    windows = pool_windows(pool, layers)
+    assert [first for _, first in windows] == [0, n2, 2 * n2]
+    for l, (table, first) in enumerate(windows):  # views of the pool, so gradients flow to it
+        assert table.shape == (n2, pool.shape[1]) and table.data_ptr() == pool[first].data_ptr()
+    assert pool_windows(pool, make_layers(dataclasses.replace(cfg, kernels="torch"), n_layers=3)[0]) is None
+    shared = dataclasses.replace(cfg, share_layers=2)
+    assert pool_windows(new_value_pool(shared, 3), make_layers(shared, n_layers=3)[0]) is None

@@ -97,9 +97,10 @@ def _print_rows(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(*rows[0].keys(), title=title)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may lack columns (an error, a skipped part)
+    table = Table(*keys, title=title)
     for r in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.get(k, "") for k in keys)))
     Console().print(table)
 
 
@@ -114,8 +115,8 @@ def _require_cuda() -> None:
 
 @app.command()
 def kernels(as_json: AsJson = False) -> None:
-    """The value lookup's forward and forward+backward over paper-like shapes, against copy bandwidth,
-    PyTorch, torch.compile and F.embedding_bag (CUDA)."""
+    """The value lookup's forward over paper-like shapes against copy bandwidth, PyTorch and F.embedding_bag, its
+    backward over its forward and in parts; the selection against PyTorch and torch.compile (CUDA)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_kernels
 
@@ -124,7 +125,7 @@ def kernels(as_json: AsJson = False) -> None:
         print(json.dumps(result, indent=2))
         return
     typer.echo(f"{result['device']}: copy {result['copy_TBps']:.2f} TB/s")
-    _print_rows([r for r in result["lookup"] if "skipped" not in r], "memory lookup, bf16")
+    _print_rows([r for r in result["lookup"] if "skipped" not in r and "error" not in r], "memory lookup, bf16")
     _print_rows(result["select"], "TDQKR selection, fp32 scores")
 
 
@@ -149,6 +150,28 @@ def layer(
     _print_rows(rows, f"{preset}: one memory layer")
 
 
+@app.command(name="all")
+def all_sections(
+    out: Annotated[str, typer.Option(help="Folder for results.json and results.txt (written after each section).")],
+    preset: Annotated[str, typer.Option(help="The UltraMemV2 preset of the layer and training sections.")]
+    = "ultramemv2-227m",
+    sections: Annotated[list[str] | None, typer.Option("--section", help="Run only these sections, in this order "
+                                                       "(kernels, layer, train, curves, curves_moe, train_compiled, select).")] = None,
+    budget_s: Annotated[float, typer.Option(min=0, help="Start no section after this many seconds.")] = 420.0,
+) -> None:
+    """Every speed of issue 15 in one run (CUDA): the lookup's backward over its forward and its forward against
+    copy bandwidth; one layer against PyTorch and torch.compile; training tokens/s of UltraMemV2, MoE and dense,
+    eager and compiled; the loss curves of the Triton path against the references; the goals met or not."""
+    _require_cuda()
+    from umv2cli.errors import UserError
+    from umv2cli.kernel_bench import SECTIONS, render, run_all
+
+    unknown = sorted(set(sections or []) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"--section {', '.join(unknown)}: unknown; use some of {', '.join(SECTIONS)}")
+    typer.echo(render(run_all(out, preset, sections or SECTIONS, budget_s)))
+
+
 @app.command(name="train")
 def train_speed(
     preset: Annotated[str, typer.Option(help="The UltraMemV2 preset; MoE and dense match its activated params.")] = "ultramemv2-227m",
@@ -158,7 +181,7 @@ def train_speed(
     as_json: AsJson = False,
 ) -> None:
     """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 (grouped GEMM and loop) and dense at equal
-    activated params (CUDA)."""
+    activated params (CUDA), eagerly (`umv2 bench all` adds compiled runs)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_train
 

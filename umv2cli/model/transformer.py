@@ -110,13 +110,15 @@ class Transformer(nn.Module):
         x = self.embed(idx_BT)
         aux = x.new_zeros(())
         written: dict[int, torch.Tensor] = {}  # write block → sum of sparse outputs due after it
+        windows = (ultramemv2.pool_windows(self.memory_pool, list(self.sparse))
+                   if isinstance(self.cfg.sparse, UltraMemV2Config) else None)
         for i, block in enumerate(self.blocks):
             h = x + block.attn(block.attn_norm(x), self.rope_cos, self.rope_sin)
             u = block.ffn_norm(h)
             x = h + block.ffn(u) if block.ffn is not None else h
-            for layer, (read, write) in zip(self.sparse, self.pairs):
+            for k, (layer, (read, write)) in enumerate(zip(self.sparse, self.pairs)):
                 if read == i:
-                    y, layer_aux = layer(u)
+                    y, layer_aux = layer(u) if windows is None else layer(u, window=windows[k])
                     written[write] = written.get(write, 0) + y
                     aux = aux + layer_aux
             if i in written:

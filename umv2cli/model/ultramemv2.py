@@ -21,7 +21,8 @@ swaps in the Triton kernels beside them, which equal the references (the selecti
 in fp32 and breaks ties toward the lower id, see kernels/tdqkr.py).
 
 Value pool. All UltraMemV2 layers of a model read one parameter `pool` of L_m·n² rows, each row
-``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²). With ring
+``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²); without ring
+sharing the model hands each layer its home table as a view of its own (`pool_windows`). With ring
 sharing over g tables (§4.2.8, Sg-Ring) its window is n_w² = isqrt(g·n²)² rows centred on its home
 table, wrapping around the pool; the keys per side grow to E_k·n_w. Key expansion E_k (§3.3)
 enlarges the virtual grid to (E_k·n_w)² cells that the shuffle maps onto the window; with one
@@ -43,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from umv2cli.config import UltraMemV2Config
+from umv2cli.kernels import resolve_impl
 from umv2cli.kernels.lookup import memory_lookup
 from umv2cli.kernels.tdqkr import rank1_vectors, select_topm, select_topm_reference
 from umv2cli.model.costs import LayerCosts
@@ -82,22 +84,35 @@ class UltraMemV2(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward, steps 1-10
 
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss)."""
+    def forward(self, u: torch.Tensor, window: tuple[torch.Tensor, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss).
+        `window`: this layer's rows of the pool as their own tensor (see `pool_windows`)."""
         u_BH = u.reshape(-1, u.shape[-1])
         p_BM, scores_BMC = self.select(u_BH)  # steps 1-7
         x_p_BP = self.w_pre(u_BH) if self.w_pre is not None else u_BH.new_zeros(u_BH.shape[0], 0)
-        o_BV = self.lookup(x_p_BP, p_BM, scores_BMC)  # steps 8-9
+        o_BV = self.lookup(x_p_BP, p_BM, scores_BMC, window=window)  # steps 8-9
         y_BH = self.w_o(o_BV)  # step 10 (eq. 12/15)
         return y_BH.view(u.shape), u.new_zeros(())
 
-    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor) -> torch.Tensor:
-        """Steps 8-9 by `cfg.kernels` → o [B, D_v]. The Triton kernels take one dtype, so x_p and the
-        scores (bf16 under autocast) join the pool's (fp32) and o returns in the scores' dtype, the
-        one the reference's einsums give under autocast; without autocast both casts are no-ops."""
-        dtype = self.pool_TD.dtype
-        o_BV = memory_lookup(x_p_BP.to(dtype), self.pool_TD, p_BM, scores_BMC.to(dtype),
-                             self.cfg.pre_value_act, impl=self.cfg.kernels)
+    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor, *,
+               window: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """Steps 8-9 by `cfg.kernels` → o [B, D_v] in the scores' dtype (bf16 under autocast, the
+        one the reference's einsums give). `window` = (rows of the pool, index of its first row)
+        stands in for the whole pool, which the rows p_BM index.
+
+        Triton: the rows are read in the scores' dtype, so under autocast the kernels read bf16
+        rows of the fp32 pool (half the bytes) and return the pool's gradient in fp32 for the
+        optimizer; x_p and the scores go in as they are. References: x_p and the scores join the
+        pool's dtype (fp32); without autocast every cast is a no-op."""
+        table_TD, first = window if window is not None else (self.pool_TD, 0)
+        rows_BM = p_BM - first if first else p_BM
+        act = self.cfg.pre_value_act
+        if resolve_impl(self.cfg.kernels, table_TD, "UltraMemV2") == "triton":
+            return memory_lookup(x_p_BP, table_TD, rows_BM, scores_BMC, act, impl="triton",
+                                 read_dtype=scores_BMC.dtype)
+        dtype = table_TD.dtype
+        o_BV = memory_lookup(x_p_BP.to(dtype), table_TD, rows_BM, scores_BMC.to(dtype), act, impl="torch")
         return o_BV.to(scores_BMC.dtype)
 
     def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +209,30 @@ class UltraMemV2(nn.Module):
         top_KM = scores_KMC.sum(-1)
         g4 = 1.0 / top_KM.mean().item()
         return g4**0.25, (top_KM * g4).pow(2).mean().item()
+
+
+def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[tuple[torch.Tensor, int]] | None:
+    """Each layer's home table as a tensor of its own, (rows, index of the first row), for
+    `UltraMemV2.forward(u, window=…)`; None where the layers must read the whole pool.
+
+    Without ring sharing (g = 1) a layer reads only its home table, so one split of the pool per
+    forward lets each layer's backward return the gradient of its n² rows; autograd then
+    assembles the pool's gradient once, by concatenation. Given the whole pool instead, every
+    layer returns a gradient of the whole pool and autograd adds L_m of them (L_m memsets and
+    L_m adds of the pool per step). Used with the Triton kernels; the references keep the
+    whole pool.
+
+    The gradient stays dense (each window's untouched rows are zeros) for plain AdamW, which
+    moves every row every step (weight decay, and the momentum of rows touched before): a
+    row-sparse update equal to it would have to replay the skipped steps of each row. At the
+    paper's batch sizes a step touches nearly every row anyway (16k tokens × m = 32 lookups over
+    a 360² table: about 4 per row), so it would save little."""
+    cfg = layers[0].cfg
+    if cfg.share_layers != 1 or resolve_impl(cfg.kernels, pool_TD, "UltraMemV2") != "triton":
+        return None
+    n2 = cfg.knum**2
+    tables = pool_TD.split(n2)
+    return [(tables[layer.home], layer.home * n2) for layer in layers]
 
 
 @torch.no_grad()
