@@ -215,6 +215,19 @@ TASKS: dict[str, Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor
 }
 
 
+def check_tasks(seq_len: int, vocab_size: int) -> None:
+    """`UserError` unless every task fits sequences of `seq_len` tokens over `vocab_size` ids (checked
+    before a run starts, so that its first evaluation cannot fail on them)."""
+    problems = []
+    for make in TASKS.values():
+        try:
+            make(1, seq_len, vocab_size, 0)
+        except UserError as e:
+            problems += e.problems
+    if problems:
+        raise UserError(*problems)
+
+
 def _task(task: str) -> Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]:
     if task not in TASKS:
         raise UserError(f"task {task!r}: unknown; one of {', '.join(TASKS)}")
