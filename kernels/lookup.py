@@ -1,6 +1,6 @@
 """The UltraMemV2 value lookup: pre-value neurons, then a per-core weighted gather-sum.
 
-Math (per token; paper-notes §1.3 steps 8-9; eq. 13-15). Each table row holds a pre-value and a
+Math (per token; docs/fidelity.md §2.2 steps 8-9; eq. 13-15). Each table row holds a pre-value and a
 value side by side, ``table[p] = [P[p] (D_p) | V[p] (D_v)]``, so one lookup is one contiguous read:
 
     z_j = act(<P[p_j], x_p>)                              pre-value neuron (eq. 15: act = identity)
@@ -46,7 +46,7 @@ def memory_lookup_reference(
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton kernels (code-anchors "Implications": K2 mem_fwd, K3 mem_bwd_tokens; K4 in value_grad.py).
+# Triton kernels (docs/kernels.md: K2 mem_fwd, K3 mem_bwd_tokens; K4 in value_grad.py).
 # Names follow the math above: h_j = <P[p_j], x_p> (pre-activation), z_j = act(h_j), dw_{j,c} =
 # <V[p_j, chunk c], do[chunk c]>. One program per token; the row layout and its int64 addressing
 # are rows.py's; everything accumulates in fp32 (no tl.dot, so bf16 is exact under the

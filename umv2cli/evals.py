@@ -1,6 +1,6 @@
 """Memory-intensive synthetic tasks: open stand-ins for the paper's long-context suite.
 
-The paper's suite (paper-notes §6.1; [V2] Tables 2 and 9) is proprietary. Its three memory columns
+The paper's suite (docs/fidelity.md §7; its Tables 2 and 9) is proprietary. Its three memory columns
 are where UltraMemV2 gains most over MoE: long-context memorization (+1.6), multi-round memorization
 (+6.2) and in-context learning (+7.9). Each task below is a pure function of (n, seq_len,
 vocab_size, seed) that returns `(tokens_NT, answer_NT)`. `tokens_NT` holds int64 token ids.

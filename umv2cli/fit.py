@@ -1,4 +1,4 @@
-"""`umv2 fit`: does activation density outrank sparse parameter count? (scaling-anchors §1.10, DESIGN.md).
+"""`umv2 fit`: does activation density outrank sparse parameter count? (docs/fitting.md tells the whole method.)
 
 Reads a table of runs (CSV or Parquet, or a sweep directory holding ``results.parquet``) with the columns
 `COLUMNS`, fits one law of `umv2cli.laws`, and answers with the elasticities at the design centre, a case
@@ -543,7 +543,7 @@ MATCHED = 0.05
 
 
 def sentence(r: dict) -> str:
-    """The report sentence of scaling-anchors §1.10, filled from a `run_fit` report:
+    """The report sentence, filled from a `run_fit` report:
 
     Within P ∈ [..], m ∈ [..], D = .. tokens, backbone .., at matched FLOPs/token (±x%), e_m = −.. [CI],
     e_P = −.. [CI], R = .. [95% CI ..–..] (case bootstrap, B = 2000, resampling runs). The bilinear model predicts

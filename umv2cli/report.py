@@ -1,10 +1,10 @@
-"""`umv2 report`: one self-contained HTML page of a sweep's runs, its fit and the verdict (scaling-anchors §4).
+"""`umv2 report`: one self-contained HTML page of a sweep's runs, its fit and the verdict.
 
 Reads a sweep directory (aggregated first, so the table is current; loss curves from each run's
 metrics.jsonl) or a runs table (CSV or Parquet with `umv2cli.fit.COLUMNS`; no curves). Fits one law with
 the case bootstrap (`umv2cli.fit.run_fit`) on the runs that are done, and lays the page out top to bottom:
 
-1. the verdict: R = e_m/e_P with its 95% interval, and the sentence of scaling-anchors §1.10;
+1. the verdict: R = e_m/e_P with its 95% interval, and the sentence of `umv2 fit` (docs/fitting.md);
 2. the estimand: P, m, the matching condition, the grid, D, seeds, runs by state;
 3. training curves per run (train loss, smoothed; eval points), coloured by P, dashed by m;
 4. the final loss over the (P, m) grid, as a heatmap;

@@ -75,7 +75,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Extra multiplier of the memory tables' lr: constant k, or k → 1 linearly over the run
-    (the official code's mem_value_lr_times with max_steps_rate 1; paper-notes §2.3)."""
+    (the official code's mem_value_lr_times with max_steps_rate 1; docs/fidelity.md §4)."""
     if not cfg.value_lr_decay:
         return cfg.value_lr_mult
     return 1 + (cfg.value_lr_mult - 1) * max(0.0, 1 - step / cfg.steps)
@@ -207,7 +207,7 @@ def autocast(device: torch.device):
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: the memory tables (value-lr multiplier) and everything else.
-    Weight decay applies to every parameter, as in the official code (paper-notes §9.18)."""
+    Weight decay applies to every parameter, as in the official code (docs/fidelity.md §9.18)."""
     tables = {id(t) for t in model.memory_tables()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in tables], "name": "dense"},

@@ -24,7 +24,7 @@ def test_fit_prints_the_verdict_sentence_and_writes_every_json_field(umv2, table
     assert code == 0, err
     lines = out.splitlines()
     assert lines[-2] == "verdict: density outranks"
-    # the sentence of scaling-anchors §1.10, filled in
+    # the report sentence, filled in
     assert lines[-1].startswith("Within P ∈ [1e+08, 8e+08], m ∈ [32, 256], D = 4e+09 tokens, backbone N_a = 2e+08, "
                                 "at matched FLOPs/token (±0%), e_m = −0.")
     assert "(case bootstrap, B = 300, resampling runs): density outranks. The loglinear model predicts 16 held-out " \

@@ -8,7 +8,7 @@ import typer
 
 
 class Form(str, Enum):
-    """The laws `umv2 fit` offers (scaling-anchors §1.10); loglinear is the primary one."""
+    """The laws `umv2 fit` offers (docs/fitting.md); loglinear is the primary one."""
 
     loglinear = "loglinear"
     chinchilla = "chinchilla"
