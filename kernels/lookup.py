@@ -1,6 +1,6 @@
 """The UltraMemV2 value lookup: pre-value neurons, then a per-core weighted gather-sum.
 
-Math (per token; paper-notes §1.3 steps 8-9; eq. 13-15). Each table row holds a pre-value and a
+Math (per token; docs/fidelity.md §2.2 steps 8-9; eq. 13-15). Each table row holds a pre-value and a
 value side by side, ``table[p] = [P[p] (D_p) | V[p] (D_v)]``, so one lookup is one contiguous read:
 
     z_j = act(<P[p_j], x_p>)                              pre-value neuron (eq. 15: act = identity)

@@ -1,6 +1,6 @@
 """TDQKR: Tucker-decomposed query-key retrieval, the top-m selection of UltraMem v1 and V2.
 
-Math (per token; paper-notes §1.3 steps 4-6; UltraMemV2 eq. 7/11, v1 TDQKR):
+Math (per token; docs/fidelity.md §2.2 steps 4-6; UltraMemV2 eq. 7/11, v1 TDQKR):
 
     a = u^T S_row,  b = v^T S_col                  rank-1 prefilter scores over the n keys per side
     I = topk(a, k_rc),  J = topk(b, k_rc)            row and column candidates
@@ -56,7 +56,7 @@ def select_topm_reference(
 def rank1_vectors(
     cores_CRR: torch.Tensor, prev_u_R: torch.Tensor, prev_v_R: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading singular vectors (u, v) of Σ_c C_c for the prefilter (paper-notes §1.3 step 4).
+    """Leading singular vectors (u, v) of Σ_c C_c for the prefilter (docs/fidelity.md §2.2 step 4).
 
     An SVD fixes u and v only up to a common sign; like the official code ("must maintain
     smoothness") we pick the sign that moves (u, v) least in L1 from the previous step's vectors,
@@ -71,7 +71,7 @@ def rank1_vectors(
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton (code-anchors "Implications": K1 tdqkr_select). One program per token does steps 4-6 on
+# Triton (docs/kernels.md: K1 tdqkr_select). One program per token does steps 4-6 on
 # chip: it reads the token's 2·r·n scores once, keeps the k_rc candidates of each side, and writes
 # only the m selections; the k_rc² grid never leaves it. Ranking works on packed int64 keys,
 #

@@ -49,12 +49,15 @@ class LaunchOptions:
     """Slurm: return only when every run has ended (local runs always do)."""
 
 
-def prepare_sweep(recipe_path: Path, out: Path) -> tuple[Path, Recipe, list[PlannedRun]]:
-    """Plan the recipe and write the sweep directory's recipe copy and plan.parquet."""
+def prepare_sweep(recipe_path: Path, out: Path, check_data: bool = False) -> tuple[Path, Recipe, list[PlannedRun]]:
+    """Plan the recipe and write the sweep directory's recipe copy and plan.parquet; with
+    `check_data`, open the runs' data first (nothing is written if it cannot be used)."""
     import polars as pl
 
     recipe = load_recipe(recipe_path)
     runs = build_plan(recipe)
+    if check_data:
+        check_run_data(runs)
     sweep = out / recipe.name
     (sweep / "runs").mkdir(parents=True, exist_ok=True)
     write_atomic(sweep / "recipe.toml", recipe_path.read_bytes())
@@ -63,6 +66,16 @@ def prepare_sweep(recipe_path: Path, out: Path) -> tuple[Path, Recipe, list[Plan
     pl.DataFrame(rows).write_parquet(buffer)
     write_atomic(sweep / "plan.parquet", buffer.getvalue())
     return sweep, recipe, runs
+
+
+def check_run_data(runs: list[PlannedRun]) -> None:
+    """Open each distinct data folder of `runs` against its models (`umv2cli.train.open_run_data`):
+    a missing or unfit folder is a `UserError` before any run starts."""
+    from umv2cli.train import open_run_data
+
+    distinct = {(r.spec.data, r.spec.model.vocab_size, r.spec.model.seq_len, r.spec.train.seq_len): r for r in runs}
+    for run in distinct.values():
+        open_run_data(run.spec)
 
 
 def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> list[PlannedRun]:
@@ -169,7 +182,7 @@ def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: in
         raise UserError(f"--executor {executor}: unknown; use one of {', '.join(EXECUTORS)}")
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
-    sweep, recipe, runs = prepare_sweep(recipe_path, out)
+    sweep, recipe, runs = prepare_sweep(recipe_path, out, check_data=executor == "local")
     options = LaunchOptions(workers, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)), wait)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
@@ -187,7 +200,10 @@ def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
     last = json.loads((sweep / "launch.json").read_text())
     options = LaunchOptions(last["workers"], SlurmOptions(**last["slurm"]), wait)
     recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
-    todo = runs_to_launch(sweep, build_plan(recipe), retry_failed)
+    runs = build_plan(recipe)
+    if last["executor"] == "local":
+        check_run_data(runs)
+    todo = runs_to_launch(sweep, runs, retry_failed)
     return launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {}
 
 

@@ -68,10 +68,12 @@ def train_overhead(preset: str, *, steps: int = 40, warmup: int = 5, batch_size:
 
 def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> dict:
     """Median wall time of reading and planning a side × side recipe (sparse_params × topm of
-    ultramemv2-227m: every run a distinct config whose table is sized, then matched), and of the
-    JSON `umv2 sweep plan --json` prints; imports and one small plan come first, untimed."""
+    ultramemv2-227m: every run a distinct config whose table is sized, then matched), and of what
+    `umv2 sweep plan` prints: the JSON of `--json`, the 80-column table, and the table with `--all`;
+    imports and one small plan come first, untimed."""
     import json
 
+    from umv2cli.cli.plan_table import plan_lines
     from umv2cli.sweeps.plan import build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
@@ -82,7 +84,7 @@ def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> 
         path = Path(tmp) / "grid.toml"
         path.write_text(text)
         build_plan(load_recipe(Path(__file__).parents[1] / "recipes" / "smoke.toml"))
-        times = {"load_s": [], "plan_s": [], "json_s": []}
+        times = {"load_s": [], "plan_s": [], "json_s": [], "table_s": [], "table_all_s": []}
         for _ in range(repeats):
             t0 = time.perf_counter()
             recipe = load_recipe(path)
@@ -91,10 +93,15 @@ def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> 
             t2 = time.perf_counter()
             json.dumps([run.row for run in runs], indent=2)
             t3 = time.perf_counter()
-            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            "\n".join(plan_lines([run.row for run in runs], "plan", 80))
+            t4 = time.perf_counter()
+            "\n".join(plan_lines([run.row for run in runs], "plan", 80, show_all=True))
+            t5 = time.perf_counter()
+            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 times[key].append(seconds)
     medians = {key: statistics.median(v) for key, v in times.items()}
-    return {"runs": len(runs), "match": match, **medians, "total_s": sum(medians.values())}
+    return {"runs": len(runs), "match": match, **medians,
+            "total_s": medians["load_s"] + medians["plan_s"] + medians["json_s"]}
 
 
 # ----------------------------------------------------------------------------------------------

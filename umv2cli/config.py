@@ -56,7 +56,7 @@ def parse_placement(placement: str, n_layers: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class UltraMemV2Config:
-    """UltraMemV2 memory layer (arXiv 2508.18756 §3; paper-notes §1). Defaults: the 227M/1.2B row
+    """UltraMemV2 memory layer (arXiv 2508.18756 §3; docs/fidelity.md §2). Defaults: the 227M/1.2B row
     of Table 10."""
 
     kind: Literal["ultramemv2"] = "ultramemv2"
@@ -85,7 +85,7 @@ class UltraMemV2Config:
     1 = no sharing. Keys per side grow to isqrt(g·n²)."""
     shared_rank_query: bool = False
     """True reproduces the official code: one row and one column query shared by all ranks
-    (paper-notes §9.3). False: per-side, per-rank queries as the paper states."""
+    (docs/fidelity.md §9.3). False: per-side, per-rank queries as the paper states."""
     pre_value_act: Literal["none", "gelu"] = "none"
     """Activation on the pre-value neuron z (eq. 15: none; the code's mem_use_glu_act: GELU)."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -116,7 +116,7 @@ class UltraMemV2Config:
 
     @property
     def window_knum(self) -> int:
-        """Keys per side of one layer's window before key expansion: isqrt(g·n²) (paper-notes §1.5)."""
+        """Keys per side of one layer's window before key expansion: isqrt(g·n²) (docs/fidelity.md §2.4)."""
         return math.isqrt(self.share_layers * self.knum**2)
 
     @property
@@ -212,7 +212,7 @@ class PEERConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Fine-grained mixture of SwiGLU experts, top-k routing, dropless (OLMoE; paper-notes §2.3)."""
+    """Fine-grained mixture of SwiGLU experts, top-k routing, dropless (OLMoE; docs/fidelity.md §8.5)."""
 
     kind: Literal["moe"] = "moe"
     n_experts: int = 64
@@ -277,7 +277,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init: InitScheme = "paper"
     """`paper`: App. A (small init, eq. 26 value std, calibrated norm weights);
-    `official`: the official code's choices (paper-notes §2.2)."""
+    `official`: the official code's choices (docs/fidelity.md §3.2)."""
     sparse: SparseConfig | None = None
 
     def __post_init__(self) -> None:
@@ -336,7 +336,7 @@ def _placement_problems(sparse: SparseConfig, n_layers: int) -> list[str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How one run trains (paper-notes §2.3 for the defaults that come from the official code)."""
+    """How one run trains (docs/fidelity.md §4 for the defaults that come from the official code)."""
 
     steps: int = 1000
     """Optimizer steps."""
@@ -357,7 +357,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final lr / peak lr (the official code's alpha_f = 0.1)."""
     weight_decay: float = 0.1
-    """AdamW weight decay, on every parameter as in the official code (paper-notes §9.18)."""
+    """AdamW weight decay, on every parameter as in the official code (docs/fidelity.md §9.18)."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0

@@ -1,6 +1,6 @@
 """Memory-intensive synthetic tasks: open stand-ins for the paper's long-context suite.
 
-The paper's suite (paper-notes §6.1; [V2] Tables 2 and 9) is proprietary. Its three memory columns
+The paper's suite (docs/fidelity.md §7; its Tables 2 and 9) is proprietary. Its three memory columns
 are where UltraMemV2 gains most over MoE: long-context memorization (+1.6), multi-round memorization
 (+6.2) and in-context learning (+7.9). Each task below is a pure function of (n, seq_len,
 vocab_size, seed) that returns `(tokens_NT, answer_NT)`. `tokens_NT` holds int64 token ids.
@@ -213,6 +213,19 @@ TASKS: dict[str, Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor
     "multi_round_recall": multi_round_recall,
     "in_context_mapping": in_context_mapping,
 }
+
+
+def check_tasks(seq_len: int, vocab_size: int) -> None:
+    """`UserError` unless every task fits sequences of `seq_len` tokens over `vocab_size` ids (checked
+    before a run starts, so that its first evaluation cannot fail on them)."""
+    problems = []
+    for make in TASKS.values():
+        try:
+            make(1, seq_len, vocab_size, 0)
+        except UserError as e:
+            problems += e.problems
+    if problems:
+        raise UserError(*problems)
 
 
 def _task(task: str) -> Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]:

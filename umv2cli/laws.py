@@ -1,4 +1,4 @@
-"""The scaling laws `umv2 fit` knows, and the Huber-on-log-loss fitting they share (scaling-anchors §1.10).
+"""The scaling laws `umv2 fit` knows, and the Huber-on-log-loss fitting they share (docs/fitting.md).
 
 Every law predicts log L and is fitted by minimising the **summed** Huber loss (δ = 1e-3) between log L̂ and
 log L (Hoffmann et al. 2022, Approach 3; summed, not averaged, after Besiroglu et al. 2024). Each fit takes

@@ -1,4 +1,4 @@
-"""`umv2 report`: one self-contained HTML page of a sweep's runs, its fit and the verdict (scaling-anchors §4).
+"""`umv2 report`: one self-contained HTML page of a sweep's runs, its fit and the verdict.
 
 Reads a sweep directory (aggregated first, so the table is current; loss curves from each run's
 metrics.jsonl) or a runs table (CSV or Parquet with `umv2cli.fit.COLUMNS`; no curves). Fits one law with

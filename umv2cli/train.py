@@ -75,7 +75,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Extra multiplier of the memory tables' lr: constant k, or k → 1 linearly over the run
-    (the official code's mem_value_lr_times with max_steps_rate 1; paper-notes §2.3)."""
+    (the official code's mem_value_lr_times with max_steps_rate 1; docs/fidelity.md §4)."""
     if not cfg.value_lr_decay:
         return cfg.value_lr_mult
     return 1 + (cfg.value_lr_mult - 1) * max(0.0, 1 - step / cfg.steps)
@@ -149,6 +149,8 @@ def resolve_device(name: str) -> torch.device:
 EVAL_SEED = 0
 """Seed of the validation batches and the memory-task samples: the same for every run, whatever its training
 seed, so every run of a sweep is scored on the same held-out tokens and seed-to-seed spread is training noise."""
+TASK_SEQ_LEN = 128
+"""The memory tasks' sequences are the run's, up to this many tokens."""
 HEALTH_TOKENS = 4096
 """UltraMemV2 layer health is measured on the first this many validation tokens of each layer's input: a bounded
 sample (HEALTH_TOKENS × d_model activations per layer), the same tokens in every run."""
@@ -188,7 +190,7 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
         result |= {f"memory_{k}": sum(h[k] for h in health) / len(health) for k in health[0]}
     if cfg.task_samples:
         accuracies = memory_task_accuracies(model, vocab_size=spec.model.vocab_size,
-                                            seq_len=min(seq_len, 128), seed=EVAL_SEED, n=cfg.task_samples)
+                                            seq_len=min(seq_len, TASK_SEQ_LEN), seed=EVAL_SEED, n=cfg.task_samples)
         result |= {f"task_{name}": acc for name, acc in accuracies.items()}
     model.train(was_training)
     return result
@@ -205,7 +207,7 @@ def autocast(device: torch.device):
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: the memory tables (value-lr multiplier) and everything else.
-    Weight decay applies to every parameter, as in the official code (paper-notes §9.18)."""
+    Weight decay applies to every parameter, as in the official code (docs/fidelity.md §9.18)."""
     tables = {id(t) for t in model.memory_tables()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in tables], "name": "dense"},
@@ -233,6 +235,28 @@ def read_run_spec(out: Path) -> RunSpec:
         raise UserError(f"{path}: not valid JSON; the run directory is damaged") from None
 
 
+def open_run_data(spec: RunSpec):
+    """The run's token data (`umv2cli.data.TokenData`), checked against its model and its evaluation:
+    the sequence length and the vocabulary fit, and so do the memory tasks. `UserError` otherwise."""
+    from umv2cli.data import open_data
+    from umv2cli.evals import check_tasks
+
+    seq_len = spec.train.seq_len or spec.model.seq_len
+    if seq_len > spec.model.seq_len:
+        raise UserError(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}")
+    if spec.train.task_samples:
+        try:
+            check_tasks(min(seq_len, TASK_SEQ_LEN), spec.model.vocab_size)
+        except UserError as e:
+            raise UserError(*[f"memory task {p}; or set train.task_samples = 0 (no memory tasks)"
+                              for p in e.problems]) from None
+    data = open_data(spec.data)
+    if data.vocab_size > spec.model.vocab_size:
+        raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
+                        f"vocab_size={spec.model.vocab_size}; raise model.vocab_size")
+    return data
+
+
 def create_run_dir(spec: RunSpec, out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty; resume it with --resume {out} or pick a new --out")
@@ -244,24 +268,19 @@ def train(spec: RunSpec, out: Path, *, resume: bool = False,
           on_step: Callable[[dict], None] | None = None) -> RunResult:
     """Run `spec` in a new directory `out`, or with `resume` continue the run there (pass
     `read_run_spec(out)`). `on_step` sees every metrics line (for a progress bar)."""
-    from umv2cli.data import get_batch, open_data
+    from umv2cli.data import get_batch
     from umv2cli.model.transformer import build_model
 
     out = Path(out)
-    if not resume:
-        create_run_dir(spec, out)
-    elif (out / "STATUS").exists() and (out / "STATUS").read_text().strip() == "done":
+    if resume and (out / "STATUS").exists() and (out / "STATUS").read_text().strip() == "done":
         metrics = read_metrics(out)
         return RunResult(out, "done", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})
     cfg, seq_len = spec.train, spec.train.seq_len or spec.model.seq_len
-    if seq_len > spec.model.seq_len:
-        raise UserError(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}")
-    data = open_data(spec.data)
-    if data.vocab_size > spec.model.vocab_size:
-        raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
-                        f"vocab_size={spec.model.vocab_size}; raise model.vocab_size")
+    data = open_run_data(spec)
     configure_cpu()
     device = resolve_device(cfg.device)
+    if not resume:
+        create_run_dir(spec, out)  # only once every check has passed: a refused run leaves nothing behind
     model = build_model(spec.model, seed=cfg.seed, device=device)
     optimizer = build_optimizer(model, cfg)
     step = load_checkpoint(out, model, optimizer) if resume and (out / "ckpt" / "last.pt").exists() else 0

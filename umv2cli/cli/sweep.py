@@ -17,10 +17,17 @@ SHOWN = 20
 @app.command()
 def plan(
     recipe: Annotated[Path, typer.Argument(help="A recipe .toml (see recipes/ and the README).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows (every field) instead of a table.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column at full length, whatever the terminal's "
+                                                      "width.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="Every run of a long plan, not its first and last "
+                                                         "ones.")] = False,
     mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
 ) -> None:
     """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each."""
+    import shutil
+
+    from umv2cli.cli.plan_table import plan_lines
     from umv2cli.sweeps.plan import build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
@@ -28,20 +35,8 @@ def plan(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    from umv2cli.cli.model import _count
-
-    axes = list(dict.fromkeys(k for r in rows for k in r if k.startswith("grid.")))  # references may add some
-    table = Table("run", "seed", *[a.removeprefix("grid.") for a in axes], "kind", "P", "m", "m/N", "activated",
-                  "FLOPs/tok", "tokens", "Δ match", "GPU-h", title=f"{recipe} ({len(rows)} runs)")
-    for r in rows:
-        table.add_row(r["run_id"], str(r["seed"]), *[str(r.get(a, "—")) for a in axes], r["kind"], _count(r["sparse_params"]),
-                      str(r["topm"]), f"{r['density']:.2e}", _count(r["activated_params"]),
-                      _count(r["flops_per_token"]), _count(r["tokens"]), f"{100 * r['match_residual']:+.2f}%",
-                      f"{r['gpu_hours']:.3g}")
-    Console().print(table)
+    lines = plan_lines(rows, str(recipe), shutil.get_terminal_size().columns, wide=wide, show_all=show_all)
+    print("\n".join(lines))
     typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100")
 
 
@@ -87,10 +82,25 @@ def _summary(sweep: Path, results: dict[str, str]) -> None:
         jobs = ", ".join(f"{array} ({n} run{'s' if n > 1 else ''})" for array, n in arrays.items())
         typer.echo(f"submitted {len(queued)} runs to Slurm as jobs {jobs}; follow them with: umv2 sweep status {sweep}")
         return
+    if not results:
+        _nothing_to_launch(sweep)
+        return
     failed = sum(not s.startswith("done") for s in results.values())
     typer.echo(f"launched {len(results)} runs ({failed} not done); sweep in {sweep}/")
     if failed:
         raise typer.Exit(1)
+
+
+def _nothing_to_launch(sweep: Path) -> None:
+    """E.g. "6 of 6 runs already done; nothing to launch", naming the runs that are not done and why."""
+    from umv2cli.sweeps.ledger import sweep_status
+
+    state = sweep_status(sweep)
+    others = [f"{state['failed']} failed (--retry-failed runs them again)"] if state["failed"] else []
+    if state["running"] + state["queued"]:
+        others.append(f"{state['running'] + state['queued']} queued or running on Slurm")
+    typer.echo(f"{state['done']} of {state['total']} runs already done{''.join(', ' + o for o in others)}; "
+               f"nothing to launch; sweep in {sweep}/")
 
 
 @app.command()

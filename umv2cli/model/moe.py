@@ -1,4 +1,4 @@
-"""Fine-grained mixture of SwiGLU experts: the OLMoE baseline (arXiv 2409.02060; paper-notes §2.3).
+"""Fine-grained mixture of SwiGLU experts: the OLMoE baseline (arXiv 2409.02060; docs/fidelity.md §8.5).
 
 The layer replaces a block's FFN and reads that block's normed FFN input u. A linear router scores
 E small SwiGLU experts; each token goes to its top-K experts, and their outputs are summed weighted

@@ -3,7 +3,7 @@
 Pre-norm blocks with RMSNorm, rotary position embeddings, causal attention through
 `F.scaled_dot_product_attention`, and a SwiGLU FFN; tied or untied embeddings. A sparse layer
 reads the normed FFN input u of its read block and its output joins the residual after its write
-block (paper-notes §1.1):
+block (docs/fidelity.md §2.1):
 
     h       = x_l + Attn(RMSNorm(x_l))
     u       = RMSNorm(h)                               shared input of FFN and memory
@@ -135,7 +135,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def refresh_rank1(self) -> None:
         """Refresh the TDQKR prefilter vectors of every layer that has them; call once per
-        optimizer step (paper-notes §1.3 step 4)."""
+        optimizer step (docs/fidelity.md §2.2 step 4)."""
         for layer in self.sparse:
             if hasattr(layer, "refresh_rank1"):
                 layer.refresh_rank1()

@@ -1,5 +1,5 @@
 """UltraMem v1 memory layer (Huang et al., ByteDance, "Ultra-Sparse Memory Network", arXiv 2411.12364,
-ICLR 2025; paper-notes §8.1, the official `olmo/ultramem_layer.py`, code-anchors §3).
+ICLR 2025; docs/fidelity.md §8.1; the official `olmo/ultramem_layer.py`).
 
 A few large memory layers in skip-layer pairs: the layer reads the normed FFN input of block a and
 the transformer adds its output after block b (`placement = "2:5/6:9/…"`). Per token, per head:
@@ -29,7 +29,7 @@ shares one query between the 2 heads), the cores and (u, v) are shared by all he
 has one set per head), RMSNorm replaces LayerNorm, and the penalty is applied (the code computes
 relu(σ₂(Σ_c C_c) − τ)² on the same summed core, averaged over heads, and leaves it commented out).
 
-What V2 later changed (paper-notes §8.1): one projector W instead of E (eq. 12), a layer in every
+What V2 later changed (docs/fidelity.md §8.1): one projector W instead of E (eq. 12), a layer in every
 block instead of skip-layer pairs, no aux loss, per-rank queries, 1 head, PEER pre-values.
 """
 
@@ -60,7 +60,7 @@ class UltraMemV1(nn.Module):
         super().__init__()
         self.cfg = cfg
         A, R, D, E = cfg.heads, cfg.rank, cfg.dk, cfg.value_expand
-        self.n_keys = math.isqrt(E) * cfg.knum  # IVE: key_num = √E·knum (paper-notes §8.1)
+        self.n_keys = math.isqrt(E) * cfg.knum  # IVE: key_num = √E·knum (docs/fidelity.md §8.1)
         self.w_q = nn.Linear(d_model, A * 2 * D, bias=False)
         self.g_q_D = nn.Parameter(torch.empty(D))
         self.keys_ASRND = nn.Parameter(torch.empty(A, 2, R, self.n_keys, D))
@@ -76,13 +76,13 @@ class UltraMemV1(nn.Module):
         self.register_buffer("rank1_v_R", torch.zeros(R), persistent=True)
 
     def tables(self) -> list[nn.Parameter]:
-        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        """The memory tables, for the value-lr parameter group (docs/fidelity.md §4)."""
         return [self.values_PV]
 
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_BTH: normed FFN input of the read block [B, T, H]. Returns (y_BTH, aux): aux is the
         0-dim, already α-weighted Tucker singular-value penalty
-        α/(r−1)·Σ_{i≥2} max(0, λ_i(Σ_c C_c) − τ)² (v1; paper-notes §1.6, §8.1)."""
+        α/(r−1)·Σ_{i≥2} max(0, λ_i(Σ_c C_c) − τ)² (v1; docs/fidelity.md §2.5, §8.1)."""
         B, T, H = u_BTH.shape
         K, J, E, P = B * T, self.cfg.heads * self.cfg.topm, self.cfg.value_expand, self.cfg.knum**2
         rows_GM, cols_GM, scores_GMC = self.select(u_BTH.reshape(K, H))  # steps 1-6
@@ -131,7 +131,7 @@ class UltraMemV1(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, ctx: InitContext) -> None:
-        """`official` (the v1 code, paper-notes §8.1): values N(0, 0.02²), W_q N(0, 1/D_k), out
+        """`official` (the v1 code, docs/fidelity.md §8.1): values N(0, 0.02²), W_q N(0, 1/D_k), out
         projection N(0, 1/(E·D_v)). `paper` (v1's improved init, §8.1): values N(0, E/(2·m·heads·L)),
         so the output variance is about 1/(2L) as for an MLP; W_q and out projection small init.
         Both: norm weights D_k^-0.33, keys N(0, 1/D_k) (they are normed anyway), cores U(0, 1),

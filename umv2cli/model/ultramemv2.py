@@ -1,8 +1,8 @@
 """UltraMemV2 memory layer (Huang et al., ByteDance Seed, arXiv 2508.18756, §3).
 
 Every transformer block holds one, beside its SwiGLU FFN: both read the same normed input u and
-their outputs are added to the residual, x_{l+1} = h + FFN(u) + Mem(u) (paper-notes §1.1).
-The forward follows paper-notes §1.3:
+their outputs are added to the residual, x_{l+1} = h + FFN(u) + Mem(u) (docs/fidelity.md §2.1).
+The forward follows docs/fidelity.md §2.2:
 
      1  queries: one per side (row, column) and per Tucker rank, RMS-normed (eq. 6/10)
      2  keys: RMS-normed row/column keys, one set per rank
@@ -30,10 +30,10 @@ projector the per-group sums of the code are simply summed, so a cell's group do
 
 Paper vs official code (each difference has a switch):
 - per-rank queries (paper §3.2); the code shares one row and one column query across ranks
-  (paper-notes §9.3): `shared_rank_query = true`.
+  (docs/fidelity.md §9.3): `shared_rank_query = true`.
 - pre-value neuron without activation (eq. 15); the code's `mem_use_glu_act`: `pre_value_act = "gelu"`.
 - row/column candidates k_rc = min(m, 128) (paper §4.1); the code uses k_rc = m: set `k_rc`.
-- ring windows centred on the layer (paper §4.2.8); the code's window runs forward only (§9.12).
+- ring windows centred on the layer (paper §4.2.8); the code's window runs forward only (docs/fidelity.md §9.12).
 - init: App. A (`init = "paper"`, see `reset_parameters`) or the code's constants (`"official"`).
 """
 
@@ -144,7 +144,7 @@ class UltraMemV2(nn.Module):
         return (start + slot_BM) % self.pool_TD.shape[0]
 
     def tables(self) -> list[nn.Parameter]:
-        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        """The memory tables, for the value-lr parameter group (docs/fidelity.md §4)."""
         return [self.pool_TD]
 
     @torch.no_grad()
@@ -161,7 +161,7 @@ class UltraMemV2(nn.Module):
     def reset_parameters(self, ctx: InitContext) -> None:
         """`paper` (App. A): small-init W_q, W_pre, W_o; q/k norm weights calibrated so the mean
         top-m score is 1 (A.2); pool rows drawn with σ_V from eq. 26. `official`: the code's
-        constants (paper-notes §2.2). Both: keys N(0, 1/D_k), cores U(0, 1), a fresh shuffle.
+        constants (docs/fidelity.md §3.2). Both: keys N(0, 1/D_k), cores U(0, 1), a fresh shuffle.
         Each layer initializes its own home table of the shared pool."""
         cfg, D = self.cfg, self.cfg.dk
         normal_(self.keys_SRND, D**-0.5)
@@ -254,7 +254,7 @@ def selection_health(layer: UltraMemV2, u_BH: torch.Tensor) -> dict[str, float]:
 
 
 def paper_table_std(cfg: UltraMemV2Config, ctx: InitContext, score_second_moment: float) -> float:
-    """σ_V of the value and pre-value tables from App. A eq. 26, read as σ_V⁴ (paper-notes §9.1):
+    """σ_V of the value and pre-value tables from App. A eq. 26, read as σ_V⁴ (docs/fidelity.md §9.1):
 
         σ_V⁴ = 0.2 · k_inner · h / (k · n_head · (1 + σ_s²) · d_prev · d_v · L)
 
@@ -281,7 +281,7 @@ def paper_table_std(cfg: UltraMemV2Config, ctx: InitContext, score_second_moment
 
 
 def ultramemv2_costs(cfg: UltraMemV2Config, d_model: int) -> LayerCosts:
-    """Per-token cost of one layer (paper-notes §1.3, §3). Its home table is its sparse share of
+    """Per-token cost of one layer (docs/fidelity.md §2.3, §5). Its home table is its sparse share of
     the pool (L_m home tables make the pool, so layer counts add up with or without sharing).
 
     MACs: query projection h·2·slots·D_k; key scoring 2·r·N·D_k (dense over all keys, the MCP
