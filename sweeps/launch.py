@@ -20,7 +20,6 @@ import io
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from umv2cli.sweeps.ledger import RunState, read_plan, run_states
 from umv2cli.sweeps.plan import PlannedRun, build_plan
 from umv2cli.sweeps.recipe import Recipe, load_recipe
 from umv2cli.sweeps.slurm import SlurmOptions, cancel, slurm_options, submit
-from umv2cli.sweeps.workers import WorkerPool, place, pool_stopping, stop_if_pool_stops
+from umv2cli.sweeps.workers import WorkerPool, first_done, place, pool_stopping, stop_if_pool_stops
 
 EXECUTORS = ("local", "slurm")
 POLL_S = 3.0
@@ -115,11 +114,13 @@ def launch_local(sweep: Path, runs: list[PlannedRun], options: LaunchOptions, on
     slots = place([run.spec.train.device for run in runs], options.workers, options.runs_per_gpu, len(runs))
     results = {}
     with WorkerPool(slots) as pool:
-        futures = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(futures[future], results[futures[future]])
+        pending = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
+        while pending:
+            for future in first_done(pending):
+                run_id = pending.pop(future)
+                results[run_id] = future.result()
+                if on_done:
+                    on_done(run_id, results[run_id])
     return results
 
 

@@ -36,7 +36,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
 from umv2cli.sweeps.plan import PlannedRun, build_plan, run_id
 from umv2cli.sweeps.recipe import Recipe, TuneSpec, Tuned, group_key, load_recipe, write_tuned
-from umv2cli.sweeps.workers import WorkerPool, place, stop_if_pool_stops
+from umv2cli.sweeps.workers import WorkerPool, first_done, place, stop_if_pool_stops
 
 JOURNAL = "tune.journal"
 POLL_S = 3.0
@@ -165,8 +165,7 @@ def _drive_local(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, stora
                                         trials / "runs" / run.run_id, spec.metric, spec.prune)] = (group, trial)
             if not pending:
                 return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
+            for future in first_done(pending):
                 group, trial = pending.pop(future)
                 told = tell(studies[group], trial, future.result(), spec)
                 if on_trial:

@@ -28,7 +28,10 @@ Lifecycle (`WorkerPool`):
 - Workers ignore Ctrl-C (SIGINT): the pool decides. When any exception leaves the pool (Ctrl-C, a
   run that raised), no queued run starts, and each running run stops at the end of its current
   step with a checkpoint, as on SIGTERM (`stop_if_pool_stops`); then the pool shuts down and the
-  exception goes on. A second Ctrl-C while they stop ends the parent, and with it the workers.
+  exception goes on. To end at once instead, kill the parent: its workers die with it.
+- The parent waits for its runs in ticks of TICK_S (`first_done`): a signal that the kernel hands to
+  another of its threads (the pool's own) interrupts no wait of the main thread, which therefore
+  never waits longer, so that its Ctrl-C handler runs.
 """
 
 import ctypes
@@ -36,13 +39,15 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 from umv2cli.errors import UserError
 
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal this process gets when its parent dies."""
+TICK_S = 0.5
+"""Seconds between two looks at the runs in flight (see `first_done`)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,14 @@ class WorkerPool:
         if exc_type is not None:
             self._stopping.set()  # running runs stop at their step's end; queued ones don't start
         self._executor.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+def first_done(futures) -> set[Future]:
+    """Wait until one of `futures` is done; those that are. (In ticks: see the module's docstring.)"""
+    while True:
+        done, _ = wait(futures, timeout=TICK_S, return_when=FIRST_COMPLETED)
+        if done:
+            return done
 
 
 _stopping = None
