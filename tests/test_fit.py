@@ -1,8 +1,9 @@
 """`umv2cli.fit` on tables drawn from planted laws: values, intervals, verdicts, coverage, the bootstrap unit."""
 
 import numpy as np
-import polars as pl
 import pytest
+
+pl = pytest.importorskip("polars")
 from fit_planted import (CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
                          planted_leverage, planted_loglinear, planted_modulated)
 

@@ -2,8 +2,9 @@
 
 import json
 
-import polars as pl
 import pytest
+
+pl = pytest.importorskip("polars")
 from fit_planted import planted_leverage, planted_loglinear
 
 REPORT_FIELDS = {"form", "params", "e_m", "e_P", "R", "R_ci", "verdict", "heldout_rmse", "seed_sigma", "n_runs",
