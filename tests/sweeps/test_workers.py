@@ -2,6 +2,7 @@
 checked here without a GPU), and real pools of real processes: what each worker sees, and that
 workers never outlive or outrun their parent."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -223,3 +224,54 @@ def test_ctrl_c_stops_running_runs_at_a_checkpoint_and_starts_no_queued_one(tmp_
     assert len(started) == 2, "a queued run started after Ctrl-C"
     for run_id, steps in started.items():
         assert (sweep / "runs" / run_id / "ckpt" / "last.pt").exists() and steps < 1_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# `umv2 bench pack`: K runs at once on one GPU
+
+
+def test_packed_throughput_counts_the_tokens_of_the_window_where_all_runs_train():
+    from umv2cli.bench import overlap_throughput
+
+    a = [(float(t), 100 * t) for t in range(0, 11)]  # a step a second, 100 tokens each, from t=0 to 10
+    b = [(float(t), 50 * (t - 2)) for t in range(2, 13)]  # from t=2 to 12, 50 tokens a step
+    # the window: from b's first step + 1 s of warm-up to a's last step, (3, 10]: 7 steps of each
+    assert overlap_throughput([a, b], warmup=1) == {"window_s": 7.0, "tokens": 7 * 150, "tokens_per_s": 150.0}
+    with pytest.raises(UserError, match="trained together for 8.0 s only, not past a 9 s warm-up; raise --seconds"):
+        overlap_throughput([a, b], warmup=9)
+
+
+def test_pack_trains_a_recipes_middle_grid_point():
+    from umv2cli.bench import pack_spec
+    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.recipe import load_recipe
+
+    smoke = Path(__file__).parents[2] / "recipes" / "smoke.toml"  # sparse_params 16k, 32k, 64k × topm 4, 16
+    (middle,) = [r for r in build_plan(load_recipe(smoke)) if (r.row["grid.sparse_params"], r.row["grid.topm"])
+                 == (32_768, 4)]
+    assert pack_spec(smoke, "tiny-dense") == middle.spec
+
+
+def test_pack_trains_k_runs_at_once_in_the_sweep_pool(tmp_path):
+    """On this CPU machine the workers are told GPU "0" and train on their CPUs: the whole path the
+    GPU benchmark takes, with real runs that train together for 2 s."""
+    from umv2cli.bench import pack_spec, pack_throughput
+
+    spec = pack_spec(None, "tiny-dense")
+    rows = pack_throughput(dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=2)),
+                           [1, 2], gpu="0", seconds=2, warmup=0.2)
+    assert [r["runs_per_gpu"] for r in rows] == [1, 2] and rows[0]["speedup"] == 1.0
+    for r in rows:
+        assert r["tokens"] > 0 and r["window_s"] > 1 and r["gpu_reserved_gb"] == 0
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["window_s"])
+        assert r["tokens_per_s_per_run"] == pytest.approx(r["tokens_per_s"] / r["runs_per_gpu"])
+    assert rows[1]["speedup"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+
+
+def test_pack_refuses_bad_values_of_k_and_a_machine_without_gpu(umv2):
+    code, _, err = umv2("bench", "pack", "--runs-per-gpu", "1,two")
+    assert code == 2 and "--runs-per-gpu 1,two: expected positive integers separated by commas" in err
+    code, _, err = umv2("bench", "pack", "--runs-per-gpu", "0")
+    assert code == 2 and err.count("\n") == 1
+    code, _, err = umv2("bench", "pack")
+    assert code == 2 and err == "error: umv2 bench pack: needs a GPU; run it on a GPU machine\n"
