@@ -168,6 +168,9 @@ def _start_worker(unclaimed, parent: int, stopping) -> None:
     slot = unclaimed.get()
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)  # before torch starts CUDA here
     os.sched_setaffinity(0, slot.cpus)
+    # torch's threads follow the affinity mask (train.configure_cpu), not the whole Slurm allocation
+    # that a sweep run inside one would otherwise give each worker
+    os.environ.pop("SLURM_CPUS_PER_TASK", None)
 
 
 def pool_stopping() -> bool:

@@ -104,7 +104,8 @@ def probe(meeting: Path, others: int) -> dict:
             "stopping": pool_stopping(), "cuda_started": torch.cuda.is_initialized()}
 
 
-def test_each_worker_sees_its_own_gpu_and_cpus_and_ignores_ctrl_c(tmp_path):
+def test_each_worker_sees_its_own_gpu_and_cpus_and_ignores_ctrl_c(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")  # a sweep run inside a Slurm allocation: not each worker's
     cpus = sorted(os.sched_getaffinity(0))
     slots = plan_workers(["3", "7"], cpus)  # no such GPUs here: only what the workers are told is checked
     with WorkerPool(slots) as pool:
