@@ -75,13 +75,14 @@ def _build_plan(recipe: Recipe, mfu: float) -> list[PlannedRun]:
         return train_config(recipe, tuned.train[group] if tuned else {}, seq_len, seed)
 
     runs, problems, seen = [], [], {}
-    for point in recipe.points():
-        seeds = recipe.seeds + (recipe.corner_seeds if recipe.is_corner(point) else ())
+    grid = [(p, recipe.seeds + (recipe.corner_seeds if recipe.is_corner(p) else ()), False) for p in recipe.points()]
+    for point, seeds, is_reference in grid + [(ref, recipe.seeds, True) for ref in recipe.references]:
         try:
             cfg, residual = hold_match(point_config(recipe, point, bases), reference, recipe.match)
             trains = [train_for(tuned_group(tuned, point), cfg.seq_len, seed) for seed in seeds]
         except UserError as e:
-            problems += [f"{recipe.source}: grid point {_show(point)}: {p}" for p in e.problems]
+            what = "reference" if is_reference else "grid point"
+            problems += [f"{recipe.source}: {what} {_show(point)}: {p}" for p in e.problems]
             continue
         acc = accounting(cfg)
         for train in trains:
@@ -91,7 +92,8 @@ def _build_plan(recipe: Recipe, mfu: float) -> list[PlannedRun]:
                 problems.append(f"{recipe.source}: grid points {_show(seen[rid])} and {_show(point)} give the same "
                                 "run (e.g. two sparse_params that round to one table size); drop one")
             seen[rid] = point
-            runs.append(PlannedRun(rid, spec, plan_row(rid, spec, point, acc, residual, mfu)))
+            row = plan_row(rid, spec, point, acc, residual, mfu)
+            runs.append(PlannedRun(rid, spec, row | {"reference": is_reference}))
     _raise(problems)
     return runs
 
@@ -114,7 +116,7 @@ def _key(model: str | dict) -> str:
 
 def resolve_bases(recipe: Recipe) -> dict[str, ModelConfig]:
     """Every distinct base model of the recipe (its `model`, and each value of a model axis)."""
-    models = [recipe.model, *recipe.grid.get("model", [])]
+    models = [recipe.model, *recipe.grid.get("model", []), *[r["model"] for r in recipe.references if "model" in r]]
     bases, problems = {}, []
     for model in models:
         if _key(model) not in bases:
@@ -271,7 +273,11 @@ def train_config(recipe: Recipe, tuned_fields: dict[str, Any], model_seq_len: in
 
 def tuned_group(tuned: Tuned | None, point: dict[str, Any]) -> str | None:
     """The group of a tuned file that a grid point belongs to."""
-    return None if tuned is None else "all" if tuned.group_by is None else group_key(point[tuned.group_by])
+    if tuned is None:
+        return None
+    if tuned.group_by is not None and tuned.group_by not in point:
+        raise UserError(f"tuned: groups by {tuned.group_by}, which this point does not set; give it that key")
+    return "all" if tuned.group_by is None else group_key(point[tuned.group_by])
 
 
 def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: float, mfu: float) -> dict[str, Any]:

@@ -22,6 +22,9 @@ the matching condition:
     "sparse.dv" = [16, 32]               # any model field by its dotted path
     model = ["tiny-dense", "tiny-moe"]   # or an axis over base models
 
+    [[references]]                       # runs beside the grid, for comparison, with `seeds`; optional
+    model = "tiny-dense"                 # a point in the grid's terms: any axis keys, one value each
+
     [tune]                               # what `umv2 tune` searches (see `TuneSpec`); optional
     group_by = "model"                   # one study per value of this axis
     n_trials = 8
@@ -50,8 +53,8 @@ from umv2cli.sweeps.slurm import slurm_table_problems
 
 Match = Literal["fixed-backbone", "iso-activated", "iso-flop"]
 SHORTHANDS = ("sparse_params", "topm")
-TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "tune",
-            "slurm")
+TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "references",
+            "tune", "slurm")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class Recipe:
     model: str | dict
     grid: dict[str, list]
     """Axis name → values, in the file's order (axes vary slowest first)."""
+    references: tuple[dict[str, Any], ...] = ()
+    """Points trained beside the grid (e.g. a dense and an MoE model at the same FLOPs), each {axis: value}, with
+    `seeds` (no corner seeds). They are compared with the grid, not fitted with it."""
     data: str = "builtin"
     seeds: tuple[int, ...] = (0,)
     corner_seeds: tuple[int, ...] = ()
@@ -148,6 +154,8 @@ def load_recipe(path: Path, base: Path | None = None) -> Recipe:
         problems.append(f"{where}: grid: empty; give at least one axis, e.g. topm = [4, 8]")
     for axis, values in grid.items():
         problems += [f"{where}: {p}" for p in _axis_problems(axis, values)]
+    references = raw.get("references", [])
+    problems += [f"{where}: {p}" for p in _reference_problems(references)]
     train = raw.get("train", {}) if isinstance(raw.get("train", {}), dict) else {}
     train_problems = _train_problems(train, raw)
     problems += [f"{where}: {p}" for p in train_problems]
@@ -161,7 +169,8 @@ def load_recipe(path: Path, base: Path | None = None) -> Recipe:
     if problems:
         raise UserError(*problems)
     tuned = Path(raw["tuned"]) if "tuned" in raw else None
-    return Recipe(name=raw.get("name", path.stem), model=raw["model"], grid=grid, data=_data_path(raw, base),
+    return Recipe(name=raw.get("name", path.stem), model=raw["model"], grid=grid,
+                  references=tuple(references), data=_data_path(raw, base),
                   seeds=tuple(raw.get("seeds", [0])), corner_seeds=tuple(raw.get("corner_seeds", [])),
                   match=raw.get("match", "fixed-backbone"), tokens=_int(raw.get("tokens")), train=train,
                   tuned=tuned if tuned is None or tuned.is_absolute() else base / tuned, tune=tune,
@@ -205,6 +214,15 @@ def _typed(raw: dict, where: str) -> list[str]:
         if key in raw and not isinstance(raw[key], dict):
             problems.append(f"{where}: {key}: expected a table")
     return problems
+
+
+def _reference_problems(references: Any) -> list[str]:
+    """`references` is a list of tables, each a point: grid-style keys with one value each."""
+    if not (isinstance(references, list) and all(isinstance(r, dict) and r for r in references)):
+        return ["references: expected a list of non-empty tables ([[references]] in TOML), each a point such as "
+                'model = "tiny-dense"']
+    return [p.replace("[0]", "", 1).replace("grid.", f"references[{i}].", 1)
+            for i, ref in enumerate(references) for axis, value in ref.items() for p in _axis_problems(axis, [value])]
 
 
 def _axis_problems(axis: str, values: Any) -> list[str]:

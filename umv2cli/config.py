@@ -222,9 +222,14 @@ class MoEConfig:
     shared_expert_hidden: int = 0
     """Inner width of an always-on shared expert; 0 = none."""
     lb_coef: float = 0.01
-    """Load-balance loss weight (OLMoE: 0.01)."""
+    """Load-balance loss weight (OLMoE: 0.01), on the mean of the layers' losses (OLMoE's code)."""
     z_coef: float = 0.001
-    """Router z-loss weight (OLMoE: 0.001)."""
+    """Router z-loss weight (OLMoE: 0.001), on the mean of the layers' z-losses divided by topk, as
+    OLMoE's code applies it."""
+    experts: Literal["auto", "grouped", "loop"] = "auto"
+    """How the routed experts run: one grouped GEMM per projection (`torch._grouped_mm` on CUDA),
+    or a loop of one matmul per expert (the reference); "auto" = grouped on CUDA when d_model and
+    expert_hidden are multiples of 8, the loop otherwise. Both train the same model."""
     placement: str = "all"
     replace_ffn: bool = True
 

@@ -1,4 +1,5 @@
-"""Speed of the memory layer on a CUDA device (issue 6): its kernels, one layer, and training.
+"""Speed of the memory layer on a CUDA device (issue 6): its kernels, one layer (or one MoE layer,
+grouped GEMM against the loop over experts), and training.
 
 Benchmarks, not tests: nothing here asserts. Every time is the median of
 `triton.testing.do_bench` (warm-up and cache flushes included), and every speed is set against
@@ -173,6 +174,25 @@ def _with_kernels(cfg, kernels: str):
     return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, kernels=kernels))
 
 
+def _with_experts(cfg, experts: str):
+    return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, experts=experts))
+
+
+def path_and_reference(cfg) -> dict:
+    """The two configs of `cfg` that `training_curves` and `bench_moe_layer` set side by side, the
+    fast path first: the Triton kernels and the references (UltraMemV2), one grouped GEMM per
+    projection and the loop over experts (MoE)."""
+    from umv2cli.config import MoEConfig, UltraMemV2Config
+    from umv2cli.errors import UserError
+
+    if isinstance(cfg.sparse, MoEConfig):
+        return {"grouped": _with_experts(cfg, "grouped"), "loop": _with_experts(cfg, "loop")}
+    if isinstance(cfg.sparse, UltraMemV2Config):
+        return {"triton": _with_kernels(cfg, "triton"), "torch": _with_kernels(cfg, "torch")}
+    raise UserError(f"preset: sparse kind {cfg.sparse.kind if cfg.sparse else None!r} has one path; "
+                    "use an UltraMemV2 or MoE preset")
+
+
 def one_memory_layer(preset: str, kernels: str) -> torch.nn.Module:
     """The first UltraMemV2 layer of a one-block copy of `preset`, on CUDA, fp32 weights."""
     from umv2cli.model.presets import get_preset
@@ -209,18 +229,73 @@ def bench_layer(preset: str = "ultramemv2-227m", tokens: int = 16384) -> list[di
     return rows
 
 
+def bench_moe_layer(preset: str = "olmoe-227m", tokens: int = 16384) -> list[dict]:
+    """One MoE layer of `preset` on CUDA, fp32 weights, per path (grouped GEMM, loop): forward and
+    forward+backward under bf16 autocast; the relative L2 difference of the output and of the
+    gradients (the largest over the input and every parameter) from the loop's, in fp32 and under
+    bf16 autocast (the same weights, inputs and routing, so this checks the grouped kernel against
+    the loop on the device itself); and whether two forward+backward passes give bit-identical
+    output and gradients."""
+    from umv2cli.model.moe import MoE
+    from umv2cli.model.presets import get_preset
+    from umv2cli.model.transformer import build_model
+
+    layers = {name: next(m for m in build_model(dataclasses.replace(cfg, n_layers=1), device="cuda").modules()
+                         if isinstance(m, MoE))
+              for name, cfg in path_and_reference(get_preset(preset)).items()}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(1, tokens, layers["loop"].router.w_EH.shape[1], device="cuda", generator=g)
+    dy = torch.randn(u.shape, device="cuda", generator=g)
+
+    def output_and_grads(layer, bf16: bool) -> list[torch.Tensor]:
+        u_in = u.detach().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            y, aux = layer(u_in)
+        ((y.float() * dy).sum() + aux).backward()
+        return [y.detach().float(), u_in.grad, *(p.grad for p in layer.parameters())]
+
+    def differences(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+        rel = [((a - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)]
+        return rel[0], max(rel[1:])
+
+    loop = {bf16: output_and_grads(layers["loop"], bf16) for bf16 in (False, True)}
+    rows = []
+    for name, layer in layers.items():
+        fp32_out, fp32_grad = differences(output_and_grads(layer, False), loop[False])
+        got = output_and_grads(layer, True)
+        bf16_out, bf16_grad = differences(got, loop[True])
+
+        def forward():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return layer(u)[0]
+
+        def forward_backward():
+            layer.zero_grad(set_to_none=True)
+            forward().float().square().mean().backward()
+
+        rows.append({"path": name, "tokens": tokens, "fwd_ms": _bench_ms(forward), "fb_ms": _bench_ms(forward_backward),
+                     "fp32_out_vs_loop": fp32_out, "fp32_grad_vs_loop": fp32_grad,
+                     "bf16_out_vs_loop": bf16_out, "bf16_grad_vs_loop": bf16_grad,
+                     "deterministic": all(torch.equal(a, b) for a, b in zip(got, output_and_grads(layer, True)))})
+    for r in rows:
+        r["fb_vs_grouped"] = r["fb_ms"] / rows[0]["fb_ms"]
+    return rows
+
+
 def train_models(preset: str = "ultramemv2-227m") -> dict:
     """The models `bench train` compares, at the activated parameters of `preset`."""
     from umv2cli.model.accounting import account
     from umv2cli.model.presets import get_preset
     from umv2cli.sweeps.plan import hold_match
 
-    memory = get_preset(preset)
+    memory, moe = get_preset(preset), get_preset("olmoe-227m")
     dense, _ = hold_match(dataclasses.replace(memory, sparse=None), account(memory), "iso-activated")
     return {
         f"{preset} (Triton)": _with_kernels(memory, "triton"),
         f"{preset} (reference)": _with_kernels(memory, "torch"),
-        "olmoe-227m (MoE 8/64)": get_preset("olmoe-227m"),
+        "olmoe-227m (MoE 8/64, grouped GEMM)": _with_experts(moe, "grouped"),
+        "olmoe-227m (MoE 8/64, loop over experts)": _with_experts(moe, "loop"),
         "dense (iso-activated)": dense,
     }
 
@@ -261,9 +336,10 @@ def bench_train(preset: str = "ultramemv2-227m", batch_size: int = 8, seq_len: i
 
 def training_curves(preset: str = "tiny-ultramemv2", steps: int = 300, batch_size: int = 32, seq_len: int = 128,
                     lr: float = 3e-3, seed: int = 0) -> dict:
-    """Loss curves of one model trained with the Triton kernels and with the references, on CUDA
-    under bf16 autocast: same init, same batches (bytes of umv2's own sources), AdamW, rank-1
-    refresh every step. A check that the paths agree within bf16 tolerance, not a speed."""
+    """Loss curves of one model trained on its fast path and on its reference (`path_and_reference`:
+    Triton kernels or references for UltraMemV2, grouped GEMMs or the loop for MoE), on CUDA under
+    bf16 autocast: same init, same batches (bytes of umv2's own sources), AdamW, rank-1 refresh
+    every step. A check that the paths agree within bf16 tolerance, not a speed."""
     from pathlib import Path
 
     from umv2cli.model.presets import get_preset
@@ -272,12 +348,11 @@ def training_curves(preset: str = "tiny-ultramemv2", steps: int = 300, batch_siz
     sources = sorted(Path(__file__).parent.rglob("*.py"))
     text_N = torch.tensor(list(b"".join(p.read_bytes() for p in sources)), device="cuda")
     curves = {}
-    for kernels in ("triton", "torch"):
-        cfg = _with_kernels(get_preset(preset), kernels)
+    for path, cfg in path_and_reference(get_preset(preset)).items():
         model = build_model(cfg, seed=seed, device="cuda")
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         batches = torch.Generator(device="cuda").manual_seed(seed)
-        curves[kernels] = []
+        curves[path] = []
         for _ in range(steps):
             start_B = torch.randint(0, len(text_N) - seq_len - 1, (batch_size,), device="cuda", generator=batches)
             window_BT = text_N[start_B[:, None] + torch.arange(seq_len + 1, device="cuda")]
@@ -289,7 +364,7 @@ def training_curves(preset: str = "tiny-ultramemv2", steps: int = 300, batch_siz
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model.refresh_rank1()
-            curves[kernels].append(loss.item())
-    gap = [abs(a - b) for a, b in zip(curves["triton"], curves["torch"])]
-    return {"preset": preset, "steps": steps, "curves": curves, "max_abs_gap": max(gap),
+            curves[path].append(loss.item())
+    gap = [abs(a - b) for a, b in zip(*curves.values())]
+    return {"preset": preset, "steps": steps, "paths": list(curves), "curves": curves, "max_abs_gap": max(gap),
             "final": {k: statistics.mean(v[-20:]) for k, v in curves.items()}}

@@ -131,15 +131,19 @@ def kernels(as_json: AsJson = False) -> None:
 
 @app.command()
 def layer(
-    preset: Annotated[str, typer.Option(help="An UltraMemV2 preset; its first memory layer is timed.")] = "ultramemv2-227m",
+    preset: Annotated[str, typer.Option(help="An UltraMemV2 or MoE preset; its first sparse layer is timed.")] = "ultramemv2-227m",
     tokens: Annotated[int, typer.Option(min=1, help="Tokens per call.")] = 16384,
     as_json: AsJson = False,
 ) -> None:
-    """One UltraMemV2 layer, forward and forward+backward under bf16 autocast: Triton, PyTorch, torch.compile (CUDA)."""
+    """One sparse layer, forward and forward+backward under bf16 autocast (CUDA). UltraMemV2: Triton, PyTorch,
+    torch.compile. MoE: grouped GEMM and the loop over experts, each against float64, and their determinism."""
     _require_cuda()
-    from umv2cli.kernel_bench import bench_layer
+    from umv2cli.config import MoEConfig
+    from umv2cli.kernel_bench import bench_layer, bench_moe_layer
+    from umv2cli.model.presets import get_preset
 
-    rows = bench_layer(preset, tokens)
+    moe = isinstance(get_preset(preset).sparse, MoEConfig)
+    rows = (bench_moe_layer if moe else bench_layer)(preset, tokens)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -154,7 +158,8 @@ def train_speed(
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per model.")] = 10,
     as_json: AsJson = False,
 ) -> None:
-    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 and dense at equal activated params (CUDA)."""
+    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 (grouped GEMM and loop) and dense at equal
+    activated params (CUDA)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_train
 
@@ -167,11 +172,12 @@ def train_speed(
 
 @app.command()
 def curves(
-    preset: Annotated[str, typer.Option(help="An UltraMemV2 preset small enough to train a few hundred steps.")] = "tiny-ultramemv2",
+    preset: Annotated[str, typer.Option(help="An UltraMemV2 or MoE preset small enough to train a few hundred steps.")] = "tiny-ultramemv2",
     steps: Annotated[int, typer.Option(min=1)] = 300,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, the curves included.")] = False,
 ) -> None:
-    """Train one model with the Triton kernels and with the references on CUDA; compare the loss curves."""
+    """Train one model on its fast path and on its reference on CUDA (UltraMemV2: Triton kernels and references;
+    MoE: grouped GEMM and the loop over experts); compare the loss curves."""
     _require_cuda()
     from umv2cli.kernel_bench import training_curves
 
@@ -179,8 +185,9 @@ def curves(
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    fast, reference = result["paths"]
     typer.echo(f"{preset}, {steps} steps: largest per-step loss gap {result['max_abs_gap']:.4f}; mean of the last "
-               f"20 losses: Triton {result['final']['triton']:.4f}, reference {result['final']['torch']:.4f}")
+               f"20 losses: {fast} {result['final'][fast]:.4f}, {reference} {result['final'][reference]:.4f}")
 
 
 @app.command()
@@ -192,7 +199,7 @@ def pack(
     preset: Annotated[str, typer.Option(help="The model of the default run.")] = "tiny-ultramemv2",
     seconds: Annotated[float, typer.Option(min=1, help="Training time of each run after its first step.")] = 20,
     warmup: Annotated[float, typer.Option(min=0, help="Seconds after the last run's first step that are not "
-                                                      "counted.")] = 5,
+                                                      "counted.")] = 2,
     as_json: AsJson = False,
 ) -> None:
     """Tokens/s of K runs at once on one GPU (the first of CUDA_VISIBLE_DEVICES), placed as `umv2 sweep run

@@ -36,11 +36,11 @@ def plan(
 
     from umv2cli.cli.model import _count
 
-    axes = [k for k in rows[0] if k.startswith("grid.")]
+    axes = list(dict.fromkeys(k for r in rows for k in r if k.startswith("grid.")))  # references may add some
     table = Table("run", "seed", *[a.removeprefix("grid.") for a in axes], "kind", "P", "m", "m/N", "activated",
                   "FLOPs/tok", "tokens", "Δ match", "GPU-h", title=f"{recipe} ({len(rows)} runs)")
     for r in rows:
-        table.add_row(r["run_id"], str(r["seed"]), *[str(r[a]) for a in axes], r["kind"], _count(r["sparse_params"]),
+        table.add_row(r["run_id"], str(r["seed"]), *[str(r.get(a, "—")) for a in axes], r["kind"], _count(r["sparse_params"]),
                       str(r["topm"]), f"{r['density']:.2e}", _count(r["activated_params"]),
                       _count(r["flops_per_token"]), _count(r["tokens"]), f"{100 * r['match_residual']:+.2f}%",
                       f"{r['gpu_hours']:.3g}")

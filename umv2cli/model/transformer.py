@@ -81,7 +81,7 @@ def build_sparse_layers(cfg: ModelConfig) -> tuple[nn.ModuleList, nn.Parameter |
     elif isinstance(sparse, PEERConfig):
         layers = [PEER(sparse, h) for _ in range(n)]
     elif isinstance(sparse, MoEConfig):
-        layers = [MoE(sparse, h) for _ in range(n)]
+        layers = [MoE(sparse, h, n_layers=n) for _ in range(n)]  # aux: the layers' mean
     else:
         layers = []
     return nn.ModuleList(layers), pool
