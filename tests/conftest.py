@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CI = os.environ.get("CI") == "true"
-NOT_ON_EVERY_MACHINE = ("polars", "plotly", "optuna", "submitit")
+NOT_ON_EVERY_MACHINE = ("polars", "plotly", "optuna", "submitit", "zstandard")
 """Dependencies that a test may find missing: test modules that import one at the top do so with
 pytest.importorskip, and a test that stops on importing one skips (see `missing_package`)."""
 
