@@ -267,7 +267,8 @@ def pack_spec(recipe: Path | None, preset: str):
         return run_spec_from_dict({"model": preset, "data": "builtin", "train": PACK_TRAIN})
     loaded = load_recipe(recipe)
     middle = {axis: [value] for axis, value in loaded.middle().items()}
-    return build_plan(dataclasses.replace(loaded, grid=middle, seeds=loaded.seeds[:1], corner_seeds=()))[0].spec
+    plan = build_plan(dataclasses.replace(loaded, grid=middle, seeds=loaded.seeds[:1], corner_seeds=()))
+    return next(run.spec for run in plan if not run.row.get("reference"))  # not a dense or MoE reference
 
 
 def pack_run(spec, run_dir: Path, meeting: Path, runs: int, seconds: float) -> dict:
