@@ -7,8 +7,10 @@ again, nor one whose Slurm job is queued or running; a failed one only with `ret
 started one resumes from its checkpoint.
 
 Executors (`launch_runs`):
-    local   a pool of worker processes on this machine, each pinned to its own share of the CPUs
-            (so torch in each uses only those); returns when every run has ended.
+    local   a pool of worker processes on this machine (`sweeps.workers`): one per GPU, or
+            `runs_per_gpu` sharing each GPU, or one per CPU without GPU, each pinned to its own
+            share of the CPUs; returns when every run has ended. The workers die with this process,
+            and an error or Ctrl-C stops them: queued runs don't start, running ones checkpoint.
     slurm   job arrays through submitit (`sweeps.slurm`); returns once they are submitted, or with
             `wait` when every run has ended (it polls the ledger: one squeue call per poll).
 """
@@ -16,11 +18,8 @@ Executors (`launch_runs`):
 import dataclasses
 import io
 import json
-import multiprocessing
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from umv2cli.sweeps.ledger import RunState, read_plan, run_states
 from umv2cli.sweeps.plan import PlannedRun, build_plan
 from umv2cli.sweeps.recipe import Recipe, load_recipe
 from umv2cli.sweeps.slurm import SlurmOptions, cancel, slurm_options, submit
+from umv2cli.sweeps.workers import WorkerPool, first_done, place, pool_stopping, stop_if_pool_stops
 
 EXECUTORS = ("local", "slurm")
 POLL_S = 3.0
@@ -43,7 +43,9 @@ OnDone = Callable[[str, str], None] | None
 @dataclass(frozen=True)
 class LaunchOptions:
     workers: int | None = None
-    """Local: worker processes (default: one per CPU)."""
+    """Local: worker processes (default: one per GPU × runs_per_gpu, or one per CPU without GPU)."""
+    runs_per_gpu: int = 1
+    """Local, on GPUs: workers that share each GPU."""
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     wait: bool = False
     """Slurm: return only when every run has ended (local runs always do)."""
@@ -91,11 +93,14 @@ def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> l
 
 
 def execute_run(spec: RunSpec, run_dir: Path) -> str:
-    """One run, fresh or resumed from its checkpoint; returns its final status line."""
+    """One run, fresh or resumed from its checkpoint; returns its final status line. In a local
+    worker, it does not start once the pool stops, and stops at a step's end when it does."""
     from umv2cli.train import RunFailed, train
 
+    if pool_stopping():
+        return "not started: the sweep stopped"
     try:
-        return train(spec, run_dir, resume=(run_dir / "spec.json").exists()).status
+        return train(spec, run_dir, resume=(run_dir / "spec.json").exists(), on_step=stop_if_pool_stops).status
     except RunFailed:
         return (run_dir / "STATUS").read_text().strip()
 
@@ -110,38 +115,25 @@ def launch_runs(sweep: Path, runs: list[PlannedRun], executor: str, options: Lau
     final one ("done", "failed: …", "stopped …"), or "queued as Slurm job <id>" when submitted
     without `wait`."""
     if executor == "local":
-        return launch_local(sweep, runs, options.workers or len(os.sched_getaffinity(0)), on_done)
+        return launch_local(sweep, runs, options, on_done)
     job_ids = submit(sweep, runs, options.slurm)
     if not options.wait:
         return {run.run_id: f"queued as Slurm job {job}" for run, job in zip(runs, job_ids)}
     return wait_for(sweep, runs, on_done)
 
 
-def _pin_worker(cpu_sets: "multiprocessing.Queue") -> None:
-    os.sched_setaffinity(0, cpu_sets.get())
-
-
-def pinned_pool(workers: int) -> ProcessPoolExecutor:
-    """`workers` spawned processes, each pinned to its own share of this process's CPUs (so torch
-    in each uses only those)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    shares = multiprocessing.get_context("spawn").Queue()
-    for w in range(workers):
-        shares.put(set(cpus[w::workers]))
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
-                               initargs=(shares,))
-
-
-def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done: OnDone = None) -> dict[str, str]:
-    """Run `runs` in a pool of `workers` processes; returns {run_id: status}."""
-    workers = max(1, min(workers, len(os.sched_getaffinity(0)), len(runs)))
+def launch_local(sweep: Path, runs: list[PlannedRun], options: LaunchOptions, on_done: OnDone = None) -> dict[str, str]:
+    """Run `runs` in a pool of workers placed on this machine's GPUs or CPUs; returns {run_id: status}."""
+    slots = place([run.spec.train.device for run in runs], options.workers, options.runs_per_gpu, len(runs))
     results = {}
-    with pinned_pool(workers) as pool:
-        futures = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(futures[future], results[futures[future]])
+    with WorkerPool(slots) as pool:
+        pending = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
+        while pending:
+            for future in first_done(pending):
+                run_id = pending.pop(future)
+                results[run_id] = future.result()
+                if on_done:
+                    on_done(run_id, results[run_id])
     return results
 
 
@@ -174,7 +166,7 @@ def _final(state: RunState) -> str:
 
 
 def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: int | None = None,
-           slurm: dict | None = None, wait: bool = False, retry_failed: bool = False,
+           runs_per_gpu: int = 1, slurm: dict | None = None, wait: bool = False, retry_failed: bool = False,
            on_done: OnDone = None) -> tuple[Path, dict[str, str]]:
     """Plan, write the sweep directory, and launch every run that is not done. `slurm` holds
     command-line job options; they override the recipe's [slurm] table."""
@@ -183,8 +175,10 @@ def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: in
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
     sweep, recipe, runs = prepare_sweep(recipe_path, out, check_data=executor == "local")
-    options = LaunchOptions(workers, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)), wait)
+    options = LaunchOptions(workers, runs_per_gpu, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)),
+                            wait)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
+                                                    "runs_per_gpu": runs_per_gpu,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
                                                     "slurm": dataclasses.asdict(options.slurm)}, indent=2) + "\n")
     todo = runs_to_launch(sweep, runs, retry_failed)
@@ -198,7 +192,7 @@ def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
     if not (sweep / "launch.json").exists():
         raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
     last = json.loads((sweep / "launch.json").read_text())
-    options = LaunchOptions(last["workers"], SlurmOptions(**last["slurm"]), wait)
+    options = LaunchOptions(last["workers"], last.get("runs_per_gpu", 1), SlurmOptions(**last["slurm"]), wait)
     recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
     runs = build_plan(recipe)
     if last["executor"] == "local":

@@ -5,9 +5,14 @@ import math
 import time
 
 import numpy as np
-import polars as pl
 import pytest
+<<<<<<< HEAD
 from fit_planted import (row, CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
+=======
+
+pl = pytest.importorskip("polars")
+from fit_planted import (CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
+>>>>>>> launch
                          planted_leverage, planted_loglinear, planted_modulated)
 
 from umv2cli import fit as F

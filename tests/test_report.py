@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
+
+pl = pytest.importorskip("polars")
 
 from umv2cli.bench import synthetic_sweep
 

@@ -4,8 +4,13 @@
 iterations of `train.train` (data, forward, backward, clipping, optimizer, rank-1 refresh,
 metrics line) against a bare loop of forward/backward/step on the same batches, both after
 warm-up, on the same model, and reports the median step times and their ratio.
+
+`pack_throughput` answers "how many small runs should share a GPU?": it trains K copies of one run
+at once on one GPU, in the worker pool of `umv2 sweep run --runs-per-gpu K`, and counts the tokens
+of all of them per second while all of them train.
 """
 
+import os
 import statistics
 import tempfile
 import time
@@ -13,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from umv2cli.errors import UserError
 
 
 def bare_step_seconds(spec, steps: int) -> list[float]:
@@ -244,3 +251,95 @@ def fit_seconds(resamples: int = 2000, seeds: int = 4, repeats: int = 3) -> dict
     run_fit_s, report = timed(lambda: fit.run_fit(runs, "loglinear", resamples, seed=0))
     return {"runs": len(runs.run_ids), "resamples": resamples, "bootstrap_s": boot_s, "run_fit_s": run_fit_s,
             "failed": int(np.isnan(boot[:, 0]).sum()), "R": report["R"], "R_ci": report["R_ci"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# pack: K small runs sharing one GPU, as `umv2 sweep run --runs-per-gpu K` places them
+
+
+PACK_TRAIN = {"steps": 1_000_000, "batch_size": 32, "seq_len": 128, "eval_batches": 1, "task_samples": 0}
+"""Training of the default packed run: the time limit ends it, long before its steps."""
+
+
+def pack_spec(recipe: Path | None, preset: str):
+    """The run to pack: the recipe's middle grid point at its first seed, else `preset` on the builtin
+    corpus (PACK_TRAIN)."""
+    import dataclasses
+
+    from umv2cli.config import run_spec_from_dict
+    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.recipe import load_recipe
+
+    if recipe is None:
+        return run_spec_from_dict({"model": preset, "data": "builtin", "train": PACK_TRAIN})
+    loaded = load_recipe(recipe)
+    middle = {axis: [value] for axis, value in loaded.middle().items()}
+    plan = build_plan(dataclasses.replace(loaded, grid=middle, seeds=loaded.seeds[:1], corner_seeds=()))
+    return next(run.spec for run in plan if not run.row.get("reference"))  # not a dense or MoE reference
+
+
+def pack_run(spec, run_dir: Path, meeting: Path, runs: int, seconds: float) -> dict:
+    """In a worker: train `spec`; after its first step, wait until all `runs` runs have had theirs
+    (each leaves a file in `meeting`), so that they train together from then on; stop it `seconds`
+    later as a stopping pool does (train's stop signal: a checkpoint, then it returns). The end time
+    and the tokens of every step after the first (from its metrics line), and the GPU memory it
+    reserved at most."""
+    import signal
+
+    from umv2cli.sweeps.workers import pool_stopping, stop_if_pool_stops
+    from umv2cli.train import train
+
+    steps: list[tuple[float, int]] = []
+
+    def on_step(line: dict) -> None:
+        stop_if_pool_stops(line)
+        if not steps:  # the first step (Triton compiles here): meet the other runs
+            (meeting / run_dir.name).touch()
+            while len(list(meeting.iterdir())) < runs and not pool_stopping():
+                time.sleep(0.01)
+        steps.append((time.time(), line["tokens"]))
+        if steps[-1][0] - steps[0][0] >= seconds:
+            signal.raise_signal(signal.SIGTERM)
+
+    train(spec, run_dir, on_step=on_step)
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_initialized() else 0
+    return {"steps": steps, "gpu_reserved_gb": reserved / 1e9}
+
+
+def overlap_throughput(runs: list[list[tuple[float, int]]], warmup: float) -> dict:
+    """Tokens/s of runs trained at once: the tokens of the steps that all of them ended in the
+    window where every run was training and past its first `warmup` seconds, over that window."""
+    start = max(steps[0][0] for steps in runs) + warmup
+    end = min(steps[-1][0] for steps in runs)
+    if end <= start:
+        raise UserError(f"the runs trained together for {end - start + warmup:.1f} s only, not past a {warmup} s "
+                        "warm-up; raise --seconds")
+    tokens = sum(b[1] - a[1] for steps in runs for a, b in zip(steps, steps[1:]) if start < b[0] <= end)
+    return {"window_s": end - start, "tokens": tokens, "tokens_per_s": tokens / (end - start)}
+
+
+def pack_throughput(spec, runs_per_gpu: list[int], gpu: str, seconds: float = 20, warmup: float = 2) -> list[dict]:
+    """For each K of `runs_per_gpu`: K copies of `spec` (seeds 0 … K-1) trained at once on `gpu` by a
+    pool of K workers placed as `umv2 sweep run --runs-per-gpu K` places them; their tokens/s in all
+    (`overlap_throughput`), per run, and against K = 1 (the first K), and their GPU memory."""
+    import dataclasses
+
+    from umv2cli.sweeps.workers import WorkerPool, first_done, plan_workers
+
+    rows = []
+    for k in runs_per_gpu:
+        specs = [dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=seed)) for seed in range(k)]
+        with tempfile.TemporaryDirectory() as tmp, WorkerPool(plan_workers([gpu], os.sched_getaffinity(0), k)) as pool:
+            (Path(tmp) / "meeting").mkdir()
+            futures = [pool.submit(pack_run, s, Path(tmp) / f"run{i}", Path(tmp) / "meeting", k, seconds)
+                       for i, s in enumerate(specs)]
+            waiting = set(futures)
+            while waiting:  # in ticks, so that Ctrl-C stops the pool
+                waiting -= first_done(waiting)
+            runs = [future.result() for future in futures]
+        row = {"runs_per_gpu": k, **overlap_throughput([r["steps"] for r in runs], warmup),
+               "gpu_reserved_gb": max(r["gpu_reserved_gb"] for r in runs)}
+        row["tokens_per_s_per_run"] = row["tokens_per_s"] / k
+        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"] if rows else 1.0
+        rows.append(row)
+    return rows

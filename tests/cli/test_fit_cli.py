@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
+
+pl = pytest.importorskip("polars")
 from fit_planted import planted_leverage, planted_loglinear
 
 RECIPES = Path(__file__).parents[2] / "recipes"

@@ -3,8 +3,9 @@
 import json
 import math
 
-import polars as pl
 import pytest
+
+pl = pytest.importorskip("polars")
 
 from umv2cli.bench import synthetic_sweep
 from umv2cli.fit import COLUMNS

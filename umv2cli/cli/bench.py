@@ -1,6 +1,7 @@
 """`umv2 bench …`: speed on this device as ratios to references (results go to BENCHMARKS.md)."""
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -211,3 +212,37 @@ def curves(
     fast, reference = result["paths"]
     typer.echo(f"{preset}, {steps} steps: largest per-step loss gap {result['max_abs_gap']:.4f}; mean of the last "
                f"20 losses: {fast} {result['final'][fast]:.4f}, {reference} {result['final'][reference]:.4f}")
+
+
+@app.command()
+def pack(
+    recipe: Annotated[Path | None, typer.Argument(
+        help="A recipe: its middle grid point is the packed run (default: --preset on the builtin corpus, "
+             "32 × 128 tokens a step).")] = None,
+    runs_per_gpu: Annotated[str, typer.Option(help="The values of K to measure, comma-separated.")] = "1,2,4,8",
+    preset: Annotated[str, typer.Option(help="The model of the default run.")] = "tiny-ultramemv2",
+    seconds: Annotated[float, typer.Option(min=1, help="Training time of each run after its first step.")] = 20,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds after the last run's first step that are not "
+                                                      "counted.")] = 2,
+    as_json: AsJson = False,
+) -> None:
+    """Tokens/s of K runs at once on one GPU (the first of CUDA_VISIBLE_DEVICES), placed as `umv2 sweep run
+    --runs-per-gpu K` places them, for each K: how many small runs to pack onto a GPU."""
+    from umv2cli.bench import pack_spec, pack_throughput
+    from umv2cli.errors import UserError
+    from umv2cli.sweeps.workers import visible_gpus
+
+    ks = [k.strip() for k in runs_per_gpu.split(",")]
+    if not all(k.isdigit() and int(k) > 0 for k in ks):
+        raise UserError(f"--runs-per-gpu {runs_per_gpu}: expected positive integers separated by commas, e.g. 1,2,4,8")
+    gpus = visible_gpus()
+    if not gpus:
+        raise UserError("umv2 bench pack: needs a GPU; run it on a GPU machine")
+    rows = pack_throughput(pack_spec(recipe, preset), [int(k) for k in ks], gpus[0], seconds, warmup)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    _print_rows([{"K": r["runs_per_gpu"], "tokens/s in all": r["tokens_per_s"],
+                  "tokens/s per run": r["tokens_per_s_per_run"], "× K=1": r["speedup"],
+                  "window (s)": r["window_s"], "GPU memory per run (GB)": r["gpu_reserved_gb"]} for r in rows],
+                f"{recipe or preset}: K runs on GPU {gpus[0]}")

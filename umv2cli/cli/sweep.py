@@ -10,6 +10,9 @@ import typer
 app = typer.Typer(help="Grids of runs from a recipe.", no_args_is_help=True)
 SLURM = "Slurm (these override the recipe's slurm table)"
 WAIT = "Slurm: return when the launched runs have ended, not once submitted."
+WORKERS = ("Local: worker processes in all, each running one run at a time (default: one per GPU × "
+           "--runs-per-gpu, or one per CPU without GPU).")
+RUNS_PER_GPU = "Local, on GPUs: workers per GPU, to pack small runs onto each GPU."
 SHOWN = 20
 """Runs on Slurm that `status` lists before it counts the rest."""
 
@@ -46,7 +49,8 @@ def run(
     out: Annotated[Path, typer.Option(help="Sweeps go to OUT/<recipe name>/.")] = Path("out"),
     executor: Annotated[str, typer.Option(
         help="Where runs execute: local (a pool of workers here) or slurm (job arrays through submitit).")] = "local",
-    workers: Annotated[int | None, typer.Option(min=1, help="Local workers (default: one per CPU).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help=WORKERS)] = None,
+    runs_per_gpu: Annotated[int, typer.Option(min=1, help=RUNS_PER_GPU)] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
     partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
@@ -65,8 +69,8 @@ def run(
 
     slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "gpus": gpus, "cpus": cpus,
              "mem_gb": mem_gb, "constraint": constraint}
-    sweep, results = launch(recipe, out, executor=executor, workers=workers, slurm=slurm, wait=wait,
-                            retry_failed=retry_failed, on_done=_print_done)
+    sweep, results = launch(recipe, out, executor=executor, workers=workers, runs_per_gpu=runs_per_gpu, slurm=slurm,
+                            wait=wait, retry_failed=retry_failed, on_done=_print_done)
     _summary(sweep, results)
 
 
