@@ -124,20 +124,22 @@ seq_len = 16
 eval_batches = 1
 task_samples = 0
 ckpt_every = 1_000_000
+{train}
 [grid]
 {grid}
 """
 
 
-def start_sweep(tmp_path: Path, grid: str, workers: int) -> tuple[subprocess.Popen, Path]:
+def start_sweep(tmp_path: Path, grid: str, workers: int, train: str = "",
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
     """`umv2 sweep run` of a recipe of long runs, as its own process writing to tmp_path/std{out,err}
     (files, not pipes, which a worker that outlived it would hold open); (the process, its sweep)."""
     pytest.importorskip("polars", reason="`umv2 sweep run` writes plan.parquet with polars, not installed here")
     recipe = tmp_path / "long.toml"
-    recipe.write_text(LONG.format(grid=grid))
+    recipe.write_text(LONG.format(grid=grid, train=train))
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         parent = subprocess.Popen([sys.executable, "-m", "umv2cli", "sweep", "run", recipe, "--out", tmp_path / "out",
-                                   "--workers", str(workers)], stdout=out, stderr=err,
+                                   "--workers", str(workers)], stdout=out, stderr=err, env={**os.environ, **(env or {})},
                                   preexec_fn=ctrl_c_as_in_a_terminal)
     return parent, tmp_path / "out" / "long"
 
@@ -193,22 +195,21 @@ def test_killing_the_sweep_parent_alone_kills_its_workers(tmp_path):
         parent.wait()
 
 
-def test_a_run_that_raises_stops_the_pool_and_the_other_runs_checkpoint(tmp_path):
-    """vocab_size 64 cannot hold the builtin corpus's 257 tokens: that run raises in its worker
-    (UserError); the pool stops, and the sweep ends with that one line instead of training the
-    other runs to their millionth step."""
-    parent, sweep = start_sweep(tmp_path, "vocab_size = [64, 512, 1024]", workers=2)
+def test_a_run_that_raises_stops_the_pool_and_no_queued_run_starts(tmp_path):
+    """train.device = "cuda" where no GPU is visible passes the plan's checks (they read the data,
+    not the machine) and raises in its worker (UserError); the pool stops, and the sweep ends with
+    that one line instead of starting the queued runs, each of which would raise the same."""
+    parent, sweep = start_sweep(tmp_path, "ffn_hidden = [32, 48, 64, 80]", workers=2,
+                                train='device = "cuda"', env={"CUDA_VISIBLE_DEVICES": ""})
     try:
         parent.wait(timeout=300)
     finally:
         parent.kill()
     err = (tmp_path / "stderr").read_text()
     assert parent.returncode == 2 and err.count("\n") == 1, err
-    assert "vocabulary 257 exceeds the model's vocab_size=64" in err
-    for run in (sweep / "runs").iterdir():
-        assert not (run / "STATUS").exists()  # none failed or ended: stopped, to resume
-        if (run / "metrics.jsonl").exists():
-            assert (run / "ckpt" / "last.pt").exists()
+    assert "train.device='cuda': no CUDA device here" in err
+    # none failed or ended, and none trained (a refused run leaves no directory): stopped, to resume
+    assert (sweep / "plan.parquet").exists() and not list(sweep.glob("runs/*/*"))
 
 
 def test_ctrl_c_stops_running_runs_at_a_checkpoint_and_starts_no_queued_one(tmp_path):
