@@ -297,7 +297,8 @@ def fig_heatmap(grid: "pl.DataFrame"):
 
 
 def fig_slices(grid: "pl.DataFrame", result: FitResult):
-    """Loss against P at each m, and against m at each P: runs as points, the fitted law as lines."""
+    """Loss against P at each m, and against m at each P: runs as points, the fitted law as lines. One legend,
+    right of both panels (the m levels, then the P levels), so no entry covers a point."""
     import plotly.graph_objects as go
     import polars as pl
     from plotly.subplots import make_subplots
@@ -313,7 +314,6 @@ def fig_slices(grid: "pl.DataFrame", result: FitResult):
             label = esc(f"{name}={si(level)}")
             fig.add_trace(go.Scatter(x=rows[x], y=rows["loss"], mode="markers", name=label, legendgroup=f"{col}{label}",
                                      marker=dict(color=c, size=9, line=dict(color="white", width=1)),
-                                     legend="legend" if col == 1 else "legend2",
                                      hovertemplate=f"{label}<br>{x}=%{{x:.3s}}<br>loss %{{y:.4f}}<extra></extra>"),
                           1, col)
             if result.report and len(xs) > 1:
@@ -323,14 +323,13 @@ def fig_slices(grid: "pl.DataFrame", result: FitResult):
                 fig.add_trace(go.Scatter(x=span, y=result.predict(P, m, *mean), mode="lines",
                                          legendgroup=f"{col}{label}",
                                          showlegend=False, line=dict(color=c, width=2, dash="dash"),
-                                         legend="legend" if col == 1 else "legend2", hoverinfo="skip"), 1, col)
+                                         hoverinfo="skip"), 1, col)
     fig.update_xaxes(type="log")
     fig.update_xaxes(title="P: total sparse parameters", row=1, col=1)
     fig.update_xaxes(title="m: activated values per token", row=1, col=2)
     fig.update_yaxes(title="final loss", row=1, col=1)
     fig = styled(fig, 440)
-    below = dict(orientation="h", yref="container", y=0, yanchor="bottom", xanchor="left")
-    fig.update_layout(legend=below | dict(x=0), legend2=below | dict(x=0.54))
+    fig.update_layout(legend=dict(tracegroupgap=2))
     return fig
 
 
