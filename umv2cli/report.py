@@ -1,8 +1,9 @@
-"""`umv2 report`: one self-contained HTML page of a sweep's runs, its fit and the verdict (scaling-anchors §4).
+"""`umv2 report`: one self-contained HTML page of a sweep's runs, its fit and the verdict (docs/fitting.md).
 
 Reads a sweep directory (aggregated first, so the table is current; loss curves from each run's
-metrics.jsonl) or a runs table (CSV or Parquet with `umv2cli.fit.COLUMNS`; no curves). Fits one law with
-the case bootstrap (`umv2cli.fit.run_fit`) on the runs that are done, and lays the page out top to bottom:
+metrics.jsonl) or a runs table (CSV or Parquet with `umv2cli.fit.COLUMNS`; no curves), both through
+`umv2cli.fit.read_table`. Fits one law with the case bootstrap (`umv2cli.fit.run_fit`) on the runs that are
+done, and lays the page out top to bottom:
 
 1. the verdict and its reason (decided on the signs of e_m, e_P and Δ = e_m − e_P with their 95% intervals),
    the paper's trade, the refits on other losses and budgets, the bootstrap's failures, the seed noise and
@@ -12,16 +13,19 @@ the case bootstrap (`umv2cli.fit.run_fit`) on the runs that are done, and lays t
 4. the final loss over the (P, m) grid, as a heatmap;
 5. loss against P at fixed m and against m at fixed P, observed points with the fitted curves;
 6. fitted against observed, and the residuals against log P and log m;
-7. the bootstrap distributions of Δ, e_m and e_P (and of R where it is defined) with their intervals; the
-   fit's parameters and held-out error of every form against the seed noise;
+7. the bootstrap distributions of Δ, e_m and e_P (and of R where it is reported) with their intervals, each
+   cut to the bulk of its resamples; the fit's parameters and held-out error of every form against the seed
+   noise;
 8. the model-free iso-cost pairs (P, k·m) against (k·P, m);
-9. memory-task accuracies per configuration;
+9. memory-task accuracies per configuration, as markers (an accuracy of 0 shows);
 10. the accounting table of every run, failed and unfinished ones included, with their reasons.
 
 The page works offline: plotly.js is inlined once, there is no MathJax, no web font and no link, so opening
 it makes no request. Every name that comes from a recipe, a run or a table is HTML-escaped, in the page and
 in the figures' labels (plotly renders a subset of HTML in text; its JSON escapes <, > and / by itself).
-Figures over the grid use the loss at one token budget D, the most common one in the table.
+Figures over the grid use the loss at one token budget D, the most common one in the table. Legends sit
+beside the plots (plotly's default, right of the plot area), never on the data. With an image format, each
+figure is also written as a PNG or SVG through kaleido (`write_images`).
 """
 
 import datetime
@@ -44,9 +48,6 @@ FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, s
 """Fonts already on the reader's machine: the page loads no web font."""
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 VERDICT_COLOURS = {"density outranks": "#0f766e", "count outranks": "#4338ca", "inconclusive": "#b45309"}
-
-
-IMAGE_FORMATS = ("png", "svg")
 IMAGE_WIDTH, IMAGE_SCALE = 1200, 2
 """Static figures are drawn 1200 px wide at each figure's page height; a PNG at twice that resolution."""
 
@@ -142,7 +143,8 @@ class FitResult:
         return np.exp(fitting.predict(points, self.report["form"], self.est.fit, self.est.centre))
 
 
-def fit_done_runs(table: "pl.DataFrame", form: str, n_boot: int, seed: int, sweep: Path | None = None) -> FitResult:
+def fit_done_runs(table: "pl.DataFrame", form: str, n_boot: int, seed: int,
+                  sweep: Path | None = None) -> FitResult:
     """Fit ``form`` to the done runs (with `umv2cli.fit.run_fit`'s refits) of a table, aggregated from ``sweep`` or
     not; a table that cannot support it gives the reason instead."""
     done = done_rows(table)
@@ -431,6 +433,8 @@ def fig_pairs(pairs: list[dict]):
 
 TASK_MARKERS = (("#2563eb", "circle"), ("#0f766e", "diamond"), ("#d97706", "square"), ("#7c3aed", "triangle-up"),
                 ("#dc2626", "x"))
+ALL_ZERO = "Every accuracy is 0 at this scale: no run predicted a graded token<br>(too small or too short a run " \
+           "to recall from context)"
 
 
 def fig_tasks(done: "pl.DataFrame"):
@@ -452,10 +456,6 @@ def fig_tasks(done: "pl.DataFrame"):
     fig.update_layout(scattermode="group")
     fig.update_yaxes(title="accuracy (greedy, graded tokens)", range=[0, 1])
     return styled(fig, 380)
-
-
-ALL_ZERO = "Every accuracy is 0 at this scale: no run predicted a graded token<br>(too small or too short a run " \
-           "to recall from context)"
 
 
 def all_zero_tasks(accuracies: "pl.DataFrame") -> bool:
@@ -564,9 +564,10 @@ def fit_details(r: dict) -> str:
             f'<table class="small"><tr><th>parameter</th><th>estimate</th><th>interval</th></tr>{rows}</table>'
             f'<p class="note">converged: {r["converged"]}; spread of the best objectives over starts: '
             f'{r["start_objective_spread"]:.2g}; design centre P = {si(r["centre"]["P"])}, m = {r["centre"]["m"]:.3g}'
-            f'</p></div><div><h3>Held-out error (nats) against the seed noise: {esc(seed_noise(r))}</h3>'
+            f'</p></div><div><h3>Held-out error (nats), against the seed noise</h3>'
             f'<table class="small"><tr><th>form</th><th>leave-one-config-out RMSE</th><th>extrapolation corner '
-            f'RMSE</th><th>configs</th></tr>{forms}</table></div></div>')
+            f'RMSE</th><th>configs</th></tr>{forms}</table>'
+            f'<p class="note">Seed noise: {esc(seed_noise(r))}.</p></div></div>')
 
 
 def pairs_table(r: dict) -> str:

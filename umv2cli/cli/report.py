@@ -26,10 +26,12 @@ def report(
     bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples: configurations with all their "
                                                        "runs, never checkpoints.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-    fmt: Annotated[Format, typer.Option("--format", help="png or svg: also write each figure as an image (for papers and "
-                                                "slides), drawn offline by kaleido in headless Chromium.")] = Format.html,
-    images: Annotated[Path | None, typer.Option(help="The folder of the images (default: <page>-figures beside the "
-                                                     "HTML file); implies --format png unless svg is given.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="png or svg: also write each figure as an image (for "
+                                                         "papers and slides), drawn offline by kaleido in headless "
+                                                         "Chromium.")] = Format.html,
+    images: Annotated[Path | None, typer.Option(help="The folder of the images (default: beside the HTML file, named "
+                                                     "after it: report-figures/ for report.html); implies --format "
+                                                     "png unless svg is given.")] = None,
 ) -> None:
     """Write one HTML file that opens offline (plotly.js inlined): the verdict, loss curves, the (P, m) grid,
     the fitted law and its residuals, bootstrap distributions, iso-cost pairs, memory tasks, every run."""
