@@ -864,10 +864,12 @@ def _difference_ci(a: np.ndarray, b: np.ndarray, n_boot: int, rng) -> list | Non
 
 @one_blas_thread
 def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, workers: int = 2,
-            compare: bool = True, resamples: bool = False, at_flops: Sequence[float] = ()) -> dict:
+            compare: bool = True, resamples: bool = False, at_flops: Sequence[float] = (),
+            sweep: Path | None = None) -> dict:
     """Fit ``form`` to a runs table (a path, a polars DataFrame, or `Runs`) and return the report (the `--json`
     dict; see the module docstring and docs/fitting.md). ``at_flops``: budgets of the second-budget refits. With
-    ``resamples``, ``report["resamples"]`` holds the converged bootstrap refits' e_P, e_m, Δ, trade and R."""
+    ``resamples``, ``report["resamples"]`` holds the converged bootstrap refits' e_P, e_m, Δ, trade and R.
+    ``sweep``: the sweep directory a DataFrame was aggregated from (its loss is the final eval loss)."""
     if form not in FORMS:
         raise UserError(f"--form {form}: unknown; choose one of {', '.join(FORMS)}")
     if n_boot < 1:
@@ -880,7 +882,7 @@ def run_fit(source, form: str = "loglinear", n_boot: int = 2000, seed: int = 0, 
         runs, fitted_on = source, "the table's loss"
         refits = [View("on other losses or budgets", why_not="the fit was given arrays, not a table")]
     else:
-        table, sweep, where = read_table(source) if isinstance(source, (str, Path)) else (source, None, "table")
+        table, sweep, where = read_table(source) if isinstance(source, (str, Path)) else (source, sweep, "table")
         table, reference_rows = split_references(table)
         main, refits = views(table, sweep, at_flops, where)
         runs, fitted_on = runs_from_frame(main.frame, where), main.label
