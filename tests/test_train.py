@@ -84,7 +84,7 @@ def test_a_run_writes_its_files_and_metrics(tmp_path):
     result = train(spec, tmp_path / "run", on_step=seen.append)
     assert result.status == "done" and result.step == 6 and len(seen) == 6
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert files == {"spec.json", "metrics.jsonl", "eval.json", "ckpt", "STATUS"}
+    assert files == {"LOCK", "spec.json", "metrics.jsonl", "eval.json", "ckpt", "STATUS"}
     assert json.loads((tmp_path / "run" / "spec.json").read_text()) == spec.to_dict()
     metrics = read_metrics(tmp_path / "run")
     assert {"step", "tokens", "lr", "train_loss", "grad_norm", "tokens_per_s"} <= metrics[0].keys()

@@ -21,21 +21,21 @@ def fit(
     form: Annotated[Form, typer.Option(help="loglinear (F1, primary), chinchilla (F0), modulated (F2) or "
                                             "leverage (F4: compute multiplier over a dense ladder).")] = Form.loglinear,
     bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples (runs, never checkpoints).")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ) -> None:
     """Elasticities e_m, e_P and R = e_m/e_P with 95% intervals, held-out error vs seed noise, and the verdict."""
     import json
 
     from umv2cli.errors import UserError
-    from umv2cli.files import write_atomic
+    from umv2cli.files import make_dir, write_atomic
     from umv2cli.fit import run_fit
 
     if json_out is not None and json_out.is_dir():
         raise UserError(f"--json {json_out}: is a directory; give a file name such as {json_out / 'fit.json'}")
     report = run_fit(path, form.value, bootstrap, seed)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(json_out.parent)
         write_atomic(json_out, json.dumps(report, indent=2))
     typer.echo(f"{report['form']}: {report['n_runs']} runs, {report['n_configs']} configs; params "
                + ", ".join(f"{k}={v:.6g}" for k, v in report["params"].items())

@@ -12,6 +12,7 @@ SLURM = "Slurm (these override the recipe's slurm table)"
 WAIT = "Slurm: return when the launched runs have ended, not once submitted."
 SHOWN = 20
 """Runs on Slurm that `status` lists before it counts the rest."""
+FORCE = "Plan a grid larger than the limit (100,000 runs; sweeps.plan.MAX_RUNS)."
 
 
 @app.command()
@@ -19,12 +20,13 @@ def plan(
     recipe: Annotated[Path, typer.Argument(help="A recipe .toml (see recipes/ and the README).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
     mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
+    force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
 ) -> None:
     """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each."""
-    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.plan import MAX_RUNS, build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
-    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu)]
+    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, max_runs=None if force else MAX_RUNS)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -54,6 +56,7 @@ def run(
     workers: Annotated[int | None, typer.Option(min=1, help="Local workers (default: one per CPU).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
     partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
     account: Annotated[str | None, typer.Option(help="Slurm account.", rich_help_panel=SLURM)] = None,
     qos: Annotated[str | None, typer.Option(help="Slurm QOS.", rich_help_panel=SLURM)] = None,
@@ -71,7 +74,7 @@ def run(
     slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "gpus": gpus, "cpus": cpus,
              "mem_gb": mem_gb, "constraint": constraint}
     sweep, results = launch(recipe, out, executor=executor, workers=workers, slurm=slurm, wait=wait,
-                            retry_failed=retry_failed, on_done=_print_done)
+                            retry_failed=retry_failed, force=force, on_done=_print_done)
     _summary(sweep, results)
 
 
@@ -80,16 +83,18 @@ def _print_done(run_id: str, status: str) -> None:
 
 
 def _summary(sweep: Path, results: dict[str, str]) -> None:
-    """The launch's last line; exit code 1 if a run ended without finishing."""
+    """The launch's last line; exit code 1 if a run ended without finishing, or runs elsewhere."""
     queued = [s.removeprefix("queued as Slurm job ") for s in results.values() if s.startswith("queued as Slurm job ")]
     if queued:
         arrays = Counter(job.split("_")[0] for job in queued)  # "812_4" → array 812
         jobs = ", ".join(f"{array} ({n} run{'s' if n > 1 else ''})" for array, n in arrays.items())
         typer.echo(f"submitted {len(queued)} runs to Slurm as jobs {jobs}; follow them with: umv2 sweep status {sweep}")
         return
-    failed = sum(not s.startswith("done") for s in results.values())
-    typer.echo(f"launched {len(results)} runs ({failed} not done); sweep in {sweep}/")
-    if failed:
+    elsewhere = sum(s.startswith("running elsewhere") for s in results.values())
+    failed = sum(not s.startswith(("done", "running elsewhere")) for s in results.values())
+    skipped = f"; {elsewhere} running elsewhere, left to them" if elsewhere else ""
+    typer.echo(f"launched {len(results) - elsewhere} runs ({failed} not done){skipped}; sweep in {sweep}/")
+    if failed or elsewhere:
         raise typer.Exit(1)
 
 
