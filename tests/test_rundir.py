@@ -47,7 +47,7 @@ def steps(run: Path) -> list[int]:
 
 def test_a_second_writer_is_refused_naming_the_holder_and_a_kill_9_frees_the_run(tmp_path):
     run = tmp_path / "run"
-    first = umv2("train", run_config(tmp_path, steps=40, ckpt_every=10), "--out", run)
+    first = umv2("train", run_config(tmp_path, steps=30, ckpt_every=10), "--out", run)
     wait_for(lambda: len(steps(run)) >= 12)  # past the step-10 checkpoint
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -66,7 +66,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_kill_9_frees_the_run
     assert holder(run) == ""
     last = umv2("train", "--resume", run)
     assert last.wait(timeout=300) == 0, last.stderr.read()
-    assert steps(run) == list(range(1, 41))  # every step logged, each once
+    assert steps(run) == list(range(1, 31))  # every step logged, each once
     assert (run / "STATUS").read_text() == "done\n"
 
 
@@ -96,7 +96,7 @@ def test_a_garbage_line_mid_metrics_is_skipped_and_every_valid_line_kept_on_resu
 
 
 def test_a_full_disk_fails_the_run_in_one_line_and_its_last_checkpoint_resumes_bit_exact(tmp_path):
-    reference = train(run_spec_from_dict(spec_dict(steps=30, ckpt_every=10)), tmp_path / "reference")
+    reference = train(run_spec_from_dict(spec_dict(steps=20, ckpt_every=5)), tmp_path / "reference")
     checkpoint = (tmp_path / "reference" / "ckpt" / "last.pt").stat().st_size
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -106,13 +106,13 @@ def test_a_full_disk_fails_the_run_in_one_line_and_its_last_checkpoint_resumes_b
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
     try:
-        full = subprocess.run([sys.executable, "-m", "umv2cli", "train", str(run_config(tmp_path, steps=30, ckpt_every=10)),
+        full = subprocess.run([sys.executable, "-m", "umv2cli", "train", str(run_config(tmp_path, steps=20, ckpt_every=5)),
                                "--out", str(disk / "run")], capture_output=True, text=True, timeout=300)
         assert full.returncode == 1
         err = full.stderr.strip().splitlines()
-        assert len(err) == 1 and "ckpt/last.pt: cannot write (No space left on device) at step 20" in err[0], err
+        assert len(err) == 1 and "ckpt/last.pt: cannot write (No space left on device) at step 10" in err[0], err
         assert "Traceback" not in full.stdout + full.stderr
-        assert (disk / "run" / "STATUS").read_text() == "failed: disk full at step 20\n"
+        assert (disk / "run" / "STATUS").read_text() == "failed: disk full at step 10\n"
         shutil.copytree(disk / "run", tmp_path / "moved")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
@@ -120,7 +120,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_its_last_checkpoint_resumes_b
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     got, expected = read_metrics(tmp_path / "moved"), read_metrics(tmp_path / "reference")
-    assert [m["step"] for m in got] == list(range(1, 31))
+    assert [m["step"] for m in got] == list(range(1, 21))
     assert [m["train_loss"] for m in got] == [m["train_loss"] for m in expected]  # bit for bit
     assert got[-1]["eval_loss"] == expected[-1]["eval_loss"] == reference.final["eval_loss"]
     assert (tmp_path / "moved" / "STATUS").read_text() == "done\n"
