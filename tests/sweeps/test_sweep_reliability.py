@@ -39,7 +39,7 @@ def run_lines(out: str) -> dict[str, str]:
 
 
 def test_two_sweep_runs_at_once_train_every_run_exactly_once(tmp_path):
-    recipe, sweep = micro(tmp_path, steps=30, sizes=[32, 48, 64]), tmp_path / "out" / "micro"
+    recipe, sweep = micro(tmp_path, steps=20, sizes=[32, 48, 64]), tmp_path / "out" / "micro"
     command = [sys.executable, "-m", "umv2cli", "sweep", "run", str(recipe), "--out", str(tmp_path / "out"),
                "--workers", "1"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -61,7 +61,7 @@ def test_two_sweep_runs_at_once_train_every_run_exactly_once(tmp_path):
     for run in runs:
         final = (run / "metrics.jsonl").read_bytes()
         assert all(final.startswith(state) for state in seen.get(run.name, ()))  # only ever appended to: one writer
-        assert [m["step"] for m in read_metrics(run)] == list(range(1, 31))
+        assert [m["step"] for m in read_metrics(run)] == list(range(1, 21))
         assert (run / "STATUS").read_text() == "done\n"
     for (out, err), process in zip(outputs, (first, second)):
         assert "Traceback" not in err and process.returncode in (0, 1), err
