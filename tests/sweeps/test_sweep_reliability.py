@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from umv2cli.bench import synthetic_sweep
-from umv2cli.rundir import hold, holder, read_metrics
+from umv2cli.rundir import hold, read_metrics
 
 MICRO = """name = "micro"
 model = "tiny-dense"
@@ -44,10 +44,10 @@ def test_two_sweep_runs_at_once_train_every_run_exactly_once(tmp_path):
                "--workers", "1"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.time() + 300
-    while not (sweep / "runs").exists() or not any(holder(r) for r in (sweep / "runs").iterdir()):
-        assert time.time() < end and first.poll() is None, "the first sweep never started a run"
+    while not any(read_metrics(r) for r in (sweep / "runs").glob("*")):  # the first sweep trains a run …
+        assert time.time() < end and first.poll() is None, "the first sweep never trained"
         time.sleep(0.05)
-    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # … when this starts
     seen: dict[str, set[bytes]] = {}  # every state of each run's metrics.jsonl the two sweeps went through
     while first.poll() is None or second.poll() is None:
         for run in (sweep / "runs").iterdir():
