@@ -34,7 +34,7 @@ from pathlib import Path
 
 from umv2cli.errors import UserError
 from umv2cli.files import Damaged, write_atomic
-from umv2cli.rundir import damage_reason, eval_lines, read_eval, tail_metrics
+from umv2cli.rundir import damage_reason, eval_lines, metrics_line, read_eval, tail_metrics
 from umv2cli.sweeps.ledger import STATES, RunState, read_plan, run_states
 from umv2cli.sweeps.recipe import load_recipe
 
@@ -98,15 +98,24 @@ def run_facts(run: Path, state: RunState) -> dict:
 
 
 def eval_curves(sweep: Path, run_ids: list[str]) -> "pl.DataFrame":
-    """Every eval line of every run (`rundir.eval_lines`: only those lines are parsed): run_id, tokens,
-    eval_loss. A line without a whole number of tokens and a numeric eval loss is left out."""
+    """Every eval line of every run (`rundir.eval_lines`: only those lines are read): run_id, tokens,
+    eval_loss. They are parsed at once by Polars; if one of them is damaged, each is parsed alone and
+    only the valid ones, with whole tokens and a numeric eval loss, are kept."""
     import polars as pl
 
-    rows = [(run_id, line["tokens"], line["eval_loss"]) for run_id in run_ids
-            for line in eval_lines(sweep / "runs" / run_id)
-            if type(line.get("tokens")) is int and type(line.get("eval_loss")) in (int, float)]
-    return pl.DataFrame(rows, schema={"run_id": pl.String, "tokens": pl.Int64, "eval_loss": pl.Float64},
-                        orient="row")
+    ids, lines = [], []
+    for run_id in run_ids:
+        found = eval_lines(sweep / "runs" / run_id)
+        ids += [run_id] * len(found)
+        lines += found
+    schema = {"run_id": pl.String, "tokens": pl.Int64, "eval_loss": pl.Float64}
+    try:
+        curves = pl.read_ndjson(io.BytesIO(b"\n".join(lines)), schema={k: schema[k] for k in ("tokens", "eval_loss")})
+        return curves.with_columns(run_id=pl.Series(ids, dtype=pl.String)).select(*schema)
+    except pl.exceptions.PolarsError:
+        rows = [(run_id, line["tokens"], line["eval_loss"]) for run_id, line in zip(ids, map(metrics_line, lines))
+                if line and type(line.get("tokens")) is int and type(line.get("eval_loss")) in (int, float)]
+        return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 # ------------------------------------------------------------------------------------------- table work

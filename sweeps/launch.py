@@ -74,10 +74,12 @@ def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> t
     {run_id: "running elsewhere: <its lock's holder>"} of those another process trains."""
     todo, elsewhere = [], {}
     for run, state in zip(runs, run_states(sweep, {run.run_id: run.spec.train.steps for run in runs})):
+        if state.state == "done" or state.scheduled:
+            continue
         if state.holder:
             elsewhere[run.run_id] = f"running elsewhere: {state.holder}"
             continue
-        if state.state == "done" or state.scheduled or (state.state == "failed" and not retry_failed):
+        if state.state == "failed" and not retry_failed:
             continue
         (sweep / "runs" / run.run_id / "STATUS").unlink(missing_ok=True)
         todo.append(run)

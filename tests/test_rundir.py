@@ -106,8 +106,9 @@ def test_a_full_disk_fails_the_run_in_one_line_and_its_last_checkpoint_resumes_b
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
     try:
-        full = subprocess.run([sys.executable, "-m", "umv2cli", "train", str(run_config(tmp_path, steps=20, ckpt_every=5)),
-                               "--out", str(disk / "run")], capture_output=True, text=True, timeout=300)
+        config = run_config(tmp_path, steps=20, ckpt_every=5)
+        full = subprocess.run([sys.executable, "-m", "umv2cli", "train", str(config), "--out", str(disk / "run")],
+                              capture_output=True, text=True, timeout=300)
         assert full.returncode == 1
         err = full.stderr.strip().splitlines()
         assert len(err) == 1 and "ckpt/last.pt: cannot write (No space left on device) at step 10" in err[0], err
@@ -172,7 +173,8 @@ def test_a_damaged_file_stops_the_resume_in_one_line_and_marks_the_run_failed(st
     shutil.copytree(stopped_run, run)
     damage(run)
     code, out, err = umv2("train", "--resume", run)
-    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {run / file}: damaged (") and cause in err, err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {run / file}: damaged (") and cause in err, err
     assert (run / "STATUS").read_text().startswith(f"failed: damaged {file} (")
     assert "Traceback" not in out + err
 

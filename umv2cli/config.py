@@ -386,7 +386,8 @@ class TrainConfig:
         if self.seq_len is not None and self.seq_len <= 0:
             problems.append(f"train.seq_len={self.seq_len}: must be positive (or omitted for the model's)")
         problems += [f"train.{n}={getattr(self, n)}: must be a finite number"
-                     for n in ("lr", "value_lr_mult", "grad_clip", "weight_decay") if not math.isfinite(getattr(self, n))]
+                     for n in ("lr", "value_lr_mult", "grad_clip", "weight_decay")
+                     if not math.isfinite(getattr(self, n))]
         problems += [f"train.{n}={getattr(self, n)}: must be ≥ 0"
                      for n in ("eval_every", "ckpt_every", "task_samples", "grad_clip", "weight_decay")
                      if getattr(self, n) < 0]

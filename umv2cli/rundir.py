@@ -1,11 +1,11 @@
 """A run directory: who trains it (its lock), and each of its files read back through one checking reader.
 
-    LOCK           locked by the one process that trains the run; it names that process (pid, host, start, Slurm job)
-    spec.json      the run's `RunSpec`                          `read_run_spec`
-    metrics.jsonl  one JSON object per optimizer step           `read_metrics`, `tail_metrics`, `eval_lines`, `MetricsLog`
-    eval.json      the final evaluation                         `read_eval`
-    ckpt/last.pt   the checkpoint                               `reading` (around `umv2cli.train.load_checkpoint`)
-    STATUS         "done" or "failed: <reason>"                 `read_status`
+    LOCK           locked by the process that trains the run; names it (pid, host, start, Slurm job)  `hold`, `holder`
+    spec.json      the run's `RunSpec`                   `read_run_spec`
+    metrics.jsonl  one JSON object per optimizer step    `read_metrics`, `tail_metrics`, `eval_lines`, `MetricsLog`
+    eval.json      the final evaluation                  `read_eval`
+    ckpt/last.pt   the checkpoint                        `reading` (around `umv2cli.train.load_checkpoint`)
+    STATUS         "done" or "failed: <reason>"          `read_status`
 
 The lock. Whoever trains a run (`umv2 train`, a sweep's worker, a Slurm job) holds an exclusive `fcntl.flock` on
 LOCK while it trains (`hold`). A second writer retries for LOCK_WAIT_S, then gives up with `RunBusy`, naming the
@@ -291,9 +291,10 @@ def last_step(run: Path) -> int:
     return tail[-1]["step"] if tail else 0
 
 
-def eval_lines(run: Path, key: bytes = b'"eval_loss"') -> list[dict]:
-    """The valid lines of metrics.jsonl that hold `key`, found by a byte search so that only they are parsed (a
-    10,000-step run has a few dozen)."""
+def eval_lines(run: Path, key: bytes = b'"eval_loss"') -> list[bytes]:
+    """The complete lines of metrics.jsonl that hold `key`, found by a byte search so that only they are read (a
+    10,000-step run has a few dozen). Unparsed: the caller parses them at once, and with `metrics_line` one by one
+    if one is damaged."""
     import mmap
 
     path = run / "metrics.jsonl"
@@ -306,9 +307,7 @@ def eval_lines(run: Path, key: bytes = b'"eval_loss"') -> list[dict]:
             start, end = m.rfind(b"\n", 0, hit) + 1, m.find(b"\n", hit)
             if end == -1:  # a last line without its newline may be cut short
                 break
-            line = metrics_line(m[start:end])
-            if line is not None:
-                lines.append(line)
+            lines.append(m[start:end])
             hit = m.find(key, end)
     return lines
 

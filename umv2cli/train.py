@@ -1,7 +1,7 @@
 """One training run: the unit of work a sweep launches many times.
 
-`train(spec, out)` starts a run and `train(rundir.read_run_spec(out), out, resume=True)` continues one. A run
-directory holds:
+`train(spec, out)` starts a run and `train(rundir.read_run_spec(out), out, resume=True)` continues
+one. A run directory holds:
 
     LOCK           held by the process that trains the run (`umv2cli.rundir`: a second writer is refused)
     spec.json      the full resolved `RunSpec` (written once, at the start)
@@ -14,11 +14,11 @@ Every file is written to a temporary name and renamed, and read back through `um
 checks. The data order is a pure function of (seed, step) (`data.get_batch`) and the learning rate
 a pure function of the step, so a checkpoint needs no sampler or scheduler state, and a run killed
 at any moment and resumed from its last checkpoint ends exactly where an uninterrupted run would
-(bit for bit on CPU). SIGTERM, SIGUSR1
-and SIGUSR2 (Slurm's warning signals) make the loop checkpoint after the current step and stop.
-A NaN or Inf loss or gradient norm stops the run with STATUS "failed: …"; so does a write that fails (disk
-full: "failed: disk full at step n"; the last checkpoint stays intact), and a damaged file of the run found on
-resuming ("failed: damaged ckpt/last.pt (…)").
+(bit for bit on CPU). SIGTERM, SIGUSR1 and SIGUSR2 (Slurm's warning signals) make the loop
+checkpoint after the current step and stop. A NaN or Inf loss or gradient norm stops the run with
+STATUS "failed: …"; so does a write that fails (disk full: "failed: disk full at step n"; the last
+checkpoint stays intact), and a damaged file of the run found on resuming ("failed: damaged
+ckpt/last.pt (…)").
 """
 
 import contextlib
@@ -187,7 +187,8 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
         result |= {f"memory_{k}": sum(h[k] for h in health) / len(health) for k in health[0]}
     if cfg.task_samples:
         accuracies = memory_task_accuracies(model, vocab_size=spec.model.vocab_size,
-                                            seq_len=min(seq_len, TASK_SEQ_LEN), seed=EVAL_SEED, n=cfg.task_samples)
+                                            seq_len=min(seq_len, TASK_SEQ_LEN), seed=EVAL_SEED,
+                                            n=cfg.task_samples)
         result |= {f"task_{name}": acc for name, acc in accuracies.items()}
     model.train(was_training)
     return result

@@ -154,7 +154,8 @@ def test_a_damaged_sweep_file_is_one_line_and_exit_2(tmp_path, umv2, file, conte
         (sweep / file).write_bytes(content)
     for command in commands:
         code, out, err = umv2(*command, sweep)
-        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {sweep / file}: damaged ("), (command, err)
+        assert code == 2 and err.count("\n") == 1, (command, err)
+        assert err.startswith(f"error: {sweep / file}: damaged ("), (command, err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +202,8 @@ def test_a_grid_of_ten_million_runs_is_counted_and_refused_at_once_unless_forced
 
     axes = ["topm", '"sparse.dv"', '"sparse.dk"', '"sparse.dp"', "ffn_hidden", '"sparse.rank"', '"sparse.cores"']
     huge = tmp_path / "huge.toml"
-    huge.write_text(VALID.format(top="", train="steps = 2", grid="\n".join(f"{a} = {list(range(1, 11))}" for a in axes)))
+    grid = "\n".join(f"{axis} = {list(range(1, 11))}" for axis in axes)
+    huge.write_text(VALID.format(top="", train="steps = 2", grid=grid))
     start = time.perf_counter()
     code, _, err = umv2("sweep", "plan", huge)
     assert code == 2 and err == f"error: {huge}: the grid has 10,000,000 runs, more than 100,000; shrink it, or " \
