@@ -213,3 +213,24 @@ def test_bad_paths_and_seeds_are_one_line_exit_2(tmp_path, umv2, args, expected)
     code, out, err = umv2("train", config, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # nothing written
+
+
+def test_metrics_lines_out_of_order_or_damaged_are_skipped_and_the_rest_kept_byte_for_byte(tmp_path, capsys):
+    from umv2cli.rundir import keep_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [json.dumps({"step": s, "train_loss": 1 / s}) for s in (1, 2, 3)] + ['{"step":4,  "train_loss": 0.25}']
+    text = [*good[:3], '{"step": 2, "train_loss": 9.0}', "[1, 2]", good[3], '{"step": 5, "train_lo']  # last: cut short
+    (run / "metrics.jsonl").write_text("\n".join(text))
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
+    assert [m["step"] for m in keep_metrics(run, 4)] == [1, 2, 3, 4]
+    assert (run / "metrics.jsonl").read_text() == "".join(line + "\n" for line in good)
+    assert capsys.readouterr().err == f"warning: {run / 'metrics.jsonl'}: skipped 2 damaged lines (lines 4, 5); " \
+                                      "kept the 4 valid lines up to step 4\n"
+    keep_metrics(run, 6)  # a checkpoint past the last line: steps were lost
+    assert capsys.readouterr().err == f"warning: {run / 'metrics.jsonl'}: 2 of steps 1-6 lost; kept the 4 valid " \
+                                      "lines up to step 6\n"
+    keep_metrics(run, 2)  # a resume from step 2: the lines past it go, silently
+    assert read_metrics(run) == [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.5}]
+    assert capsys.readouterr().err == ""
