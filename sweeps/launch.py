@@ -3,8 +3,10 @@
 Reads the recipe; writes `<out>/<name>/recipe.toml` (a copy), `plan.parquet`, `launch.json` (the
 executor and its options, which `resume` reuses) and, through `umv2cli.train`, one
 `runs/<run-id>/` per run. Launching is idempotent: a run whose STATUS is `done` is never launched
-again, nor one whose Slurm job is queued or running; a failed one only with `retry_failed`; a
-started one resumes from its checkpoint.
+again, nor one whose Slurm job is queued or running, nor one another live process trains (it holds
+the run's lock: a second `sweep run` of the same sweep reports it "running elsewhere"); a failed one
+only with `retry_failed`; a started one resumes from its checkpoint. A run whose files are damaged
+is marked failed, and the others go on.
 
 Executors (`launch_runs`):
     local   a pool of worker processes on this machine (`sweeps.workers`): one per GPU, or
@@ -25,9 +27,9 @@ from pathlib import Path
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
-from umv2cli.files import write_atomic
-from umv2cli.sweeps.ledger import RunState, read_plan, run_states
-from umv2cli.sweeps.plan import PlannedRun, build_plan
+from umv2cli.files import Damaged, make_dir, read_json, write_atomic
+from umv2cli.sweeps.ledger import RunState, plan_steps, run_states
+from umv2cli.sweeps.plan import MAX_RUNS, PlannedRun, build_plan
 from umv2cli.sweeps.recipe import Recipe, load_recipe
 from umv2cli.sweeps.slurm import SlurmOptions, cancel, slurm_options, submit
 from umv2cli.sweeps.workers import WorkerPool, first_done, place, pool_stopping, stop_if_pool_stops
@@ -51,17 +53,18 @@ class LaunchOptions:
     """Slurm: return only when every run has ended (local runs always do)."""
 
 
-def prepare_sweep(recipe_path: Path, out: Path, check_data: bool = False) -> tuple[Path, Recipe, list[PlannedRun]]:
-    """Plan the recipe and write the sweep directory's recipe copy and plan.parquet; with
-    `check_data`, open the runs' data first (nothing is written if it cannot be used)."""
+def prepare_sweep(recipe_path: Path, out: Path, force: bool = False,
+                  check_data: bool = False) -> tuple[Path, Recipe, list[PlannedRun]]:
+    """Plan the recipe (any number of runs with `force`) and write the sweep directory's recipe copy and
+    plan.parquet; with `check_data`, open the runs' data first (nothing is written if it cannot be used)."""
     import polars as pl
 
     recipe = load_recipe(recipe_path)
-    runs = build_plan(recipe)
+    runs = build_plan(recipe, max_runs=None if force else MAX_RUNS)
     if check_data:
         check_run_data(runs)
     sweep = out / recipe.name
-    (sweep / "runs").mkdir(parents=True, exist_ok=True)
+    make_dir(sweep / "runs")
     write_atomic(sweep / "recipe.toml", recipe_path.read_bytes())
     rows = [{**run.row, "steps": run.spec.train.steps} for run in runs]
     buffer = io.BytesIO()
@@ -80,29 +83,42 @@ def check_run_data(runs: list[PlannedRun]) -> None:
         open_run_data(run.spec)
 
 
-def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> list[PlannedRun]:
-    """The runs that are neither done nor queued or running on Slurm (nor failed, unless
-    `retry_failed`: their STATUS is removed so that they run again)."""
-    todo = []
+def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> tuple[list[PlannedRun], dict[str, str]]:
+    """The runs that are neither done, nor queued or running on Slurm, nor trained by another live
+    process (nor failed, unless `retry_failed`: their STATUS is removed so that they run again); and
+    {run_id: "running elsewhere: <its lock's holder>"} of those another process trains."""
+    todo, elsewhere = [], {}
     for run, state in zip(runs, run_states(sweep, {run.run_id: run.spec.train.steps for run in runs})):
-        if state.state == "done" or state.scheduled or (state.state == "failed" and not retry_failed):
+        if state.state == "done" or state.scheduled:
+            continue
+        if state.holder:
+            elsewhere[run.run_id] = f"running elsewhere: {state.holder}"
+            continue
+        if state.state == "failed" and not retry_failed:
             continue
         (sweep / "runs" / run.run_id / "STATUS").unlink(missing_ok=True)
         todo.append(run)
-    return todo
+    return todo, elsewhere
 
 
 def execute_run(spec: RunSpec, run_dir: Path) -> str:
-    """One run, fresh or resumed from its checkpoint; returns its final status line. In a local
-    worker, it does not start once the pool stops, and stops at a step's end when it does."""
+    """One run, fresh or resumed from its checkpoint; returns its final status line ("running
+    elsewhere: …" when another process holds the run; "failed: damaged <file> (…)" when a file of it
+    is damaged). In a local worker, it does not start once the pool stops, and stops at a step's end
+    when it does."""
+    from umv2cli.rundir import RunBusy, damage_reason, read_status
     from umv2cli.train import RunFailed, train
 
     if pool_stopping():
         return "not started: the sweep stopped"
     try:
-        return train(spec, run_dir, resume=(run_dir / "spec.json").exists(), on_step=stop_if_pool_stops).status
-    except RunFailed:
-        return (run_dir / "STATUS").read_text().strip()
+        return train(spec, run_dir, resume=None, on_step=stop_if_pool_stops).status
+    except RunBusy as e:
+        return f"running elsewhere: {e.holder}"
+    except Damaged as e:
+        return f"failed: {damage_reason(run_dir, e)}"
+    except RunFailed as e:
+        return read_status(run_dir) or f"failed: {e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,44 +183,65 @@ def _final(state: RunState) -> str:
 
 def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: int | None = None,
            runs_per_gpu: int = 1, slurm: dict | None = None, wait: bool = False, retry_failed: bool = False,
+           force: bool = False,
            on_done: OnDone = None) -> tuple[Path, dict[str, str]]:
     """Plan, write the sweep directory, and launch every run that is not done. `slurm` holds
-    command-line job options; they override the recipe's [slurm] table."""
+    command-line job options; they override the recipe's [slurm] table. `force` plans a grid of
+    more than `MAX_RUNS` runs."""
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor}: unknown; use one of {', '.join(EXECUTORS)}")
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
-    sweep, recipe, runs = prepare_sweep(recipe_path, out, check_data=executor == "local")
+    sweep, recipe, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local")
     options = LaunchOptions(workers, runs_per_gpu, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)),
                             wait)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
                                                     "runs_per_gpu": runs_per_gpu,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
                                                     "slurm": dataclasses.asdict(options.slurm)}, indent=2) + "\n")
-    todo = runs_to_launch(sweep, runs, retry_failed)
-    return sweep, launch_runs(sweep, todo, executor, options, on_done) if todo else {}
+    todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)
+    return sweep, _report(elsewhere, on_done) | (launch_runs(sweep, todo, executor, options, on_done) if todo else {})
 
 
 def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
            on_done: OnDone = None) -> dict[str, str]:
     """Launch the runs of `sweep` that are not done, from its own recipe copy, on the executor
     and with the options it was last launched with."""
-    if not (sweep / "launch.json").exists():
-        raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
-    last = json.loads((sweep / "launch.json").read_text())
-    options = LaunchOptions(last["workers"], last.get("runs_per_gpu", 1), SlurmOptions(**last["slurm"]), wait)
+    last = read_launch(sweep)
+    options = LaunchOptions(last["workers"], last.get("runs_per_gpu", 1),
+                            slurm_options(last["slurm"], where=str(sweep / "launch.json")), wait)
     recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
-    runs = build_plan(recipe)
+    runs = build_plan(recipe, max_runs=None)  # planned once already
     if last["executor"] == "local":
         check_run_data(runs)
-    todo = runs_to_launch(sweep, runs, retry_failed)
-    return launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {}
+    todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)
+    return _report(elsewhere, on_done) | (launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {})
+
+
+def _report(elsewhere: dict[str, str], on_done: OnDone) -> dict[str, str]:
+    for run_id, status in elsewhere.items() if on_done else ():
+        on_done(run_id, status)
+    return elsewhere
+
+
+def read_launch(sweep: Path) -> dict:
+    """launch.json, checked: the executor, the local workers and the Slurm options it was last launched with."""
+    path = sweep / "launch.json"
+    if not path.exists():
+        raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
+    fix = "launch the sweep again with `umv2 sweep run RECIPE --out …` (done runs are kept)"
+    last = read_json(path, fix)
+    workers, per_gpu = last.get("workers"), last.get("runs_per_gpu", 1)
+    if last.get("executor") not in EXECUTORS or not isinstance(last.get("slurm"), dict) or not (
+            workers is None or (type(workers) is int and workers > 0)) or not (type(per_gpu) is int and per_gpu > 0):
+        raise Damaged(path, "expected an executor, workers, runs_per_gpu and slurm options, as `umv2 sweep run` writes", fix)
+    return last
 
 
 def cancel_sweep(sweep: Path) -> list[str]:
     """Cancel the Slurm jobs of `sweep`'s runs that are queued or running (one squeue, one
     scancel); returns their ids."""
-    states = run_states(sweep, {row["run_id"]: row["steps"] for row in read_plan(sweep)})
+    states = run_states(sweep, plan_steps(sweep))
     jobs = [state.job_id for state in states if state.scheduled]
     cancel(jobs)
     return jobs

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from umv2cli.config import SPARSE_KINDS, ModelConfig, TrainConfig, read_table
+from umv2cli.config import MAX_SEED, SPARSE_KINDS, ModelConfig, TrainConfig, read_table
 from umv2cli.errors import UserError
 from umv2cli.sweeps.slurm import slurm_table_problems
 
@@ -55,6 +55,11 @@ Match = Literal["fixed-backbone", "iso-activated", "iso-flop"]
 SHORTHANDS = ("sparse_params", "topm")
 TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "references",
             "tune", "slurm")
+MAX_PARAMS = 10**13
+"""Total parameters a run may have: 10 T parameters take 160 TB to train (fp32 weights, gradients and two AdamW
+moments), beyond any one run; a larger count is a slip such as sparse_params = 1e30."""
+MAX_NAME_BYTES = 255
+"""The longest file name most file systems take (NAME_MAX): the sweep's folder is named after the recipe."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,13 @@ class Recipe:
             points = [{**p, axis: v} for p in points for v in values]
         return points
 
+    def size(self) -> int:
+        """How many runs the plan has, counted without listing them: every point with each seed, and the
+        corners (each axis at its first or last value) with each corner seed."""
+        points = math.prod(len(values) for values in self.grid.values())
+        corners = math.prod(min(len(values), 2) for values in self.grid.values())
+        return points * len(self.seeds) + corners * len(self.corner_seeds)
+
     def is_corner(self, point: dict[str, Any]) -> bool:
         return all(point[a] in (vs[0], vs[-1]) for a, vs in self.grid.items() if len(vs) > 1)
 
@@ -195,10 +207,13 @@ def _typed(raw: dict, where: str) -> list[str]:
     name = raw.get("name", "")
     if isinstance(name, str) and (set(name) & set("/\\\0") or name in (".", "..")):
         problems.append(f"{where}: name={name!r}: names the sweep's folder; use letters, digits, - and _")
+    elif isinstance(name, str) and len(name.encode()) > MAX_NAME_BYTES:
+        problems.append(f"{where}: name={name[:20]!r}…: {len(name.encode())} bytes long; the sweep's folder takes "
+                        f"at most {MAX_NAME_BYTES}, shorten it")
     for key in ("seeds", "corner_seeds"):
         value = raw.get(key, [])
-        if not (isinstance(value, list) and all(_is_int(s) and s >= 0 for s in value)):
-            problems.append(f"{where}: {key}={value!r}: expected a list of integers ≥ 0")
+        if not (isinstance(value, list) and all(_is_int(s) and 0 <= s < MAX_SEED for s in value)):
+            problems.append(f"{where}: {key}={value!r}: expected a list of integers in [0, 2^63)")
     seeds = [s for key in ("seeds", "corner_seeds") if isinstance(raw.get(key), list) for s in raw[key]]
     if len(seeds) != len({repr(s) for s in seeds}):
         problems.append(f"{where}: seeds, corner_seeds: a seed appears twice; every run needs its own seed")
@@ -237,8 +252,9 @@ def _axis_problems(axis: str, values: Any) -> list[str]:
         return [f"grid.{axis}: expected a non-empty list of values"]
     problems = []
     for i, value in enumerate(values):
-        if axis == "sparse_params" and not (_is_number(value) and 0 < value < math.inf):
-            problems.append(f"grid.sparse_params[{i}]={value!r}: expected a positive number of parameters")
+        if axis == "sparse_params" and not (_is_number(value) and 0 < value <= MAX_PARAMS):
+            problems.append(f"grid.sparse_params[{i}]={value!r}: expected a positive number of parameters, at most "
+                            f"{MAX_PARAMS:.0e}")
         elif axis == "topm" and not (_is_int(value) and value > 0):
             problems.append(f"grid.topm[{i}]={value!r}: expected a positive integer")
         elif axis == "model" and not isinstance(value, (str, dict)):

@@ -42,6 +42,7 @@ from typing import Any
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
+from umv2cli.files import make_dir
 from umv2cli.sweeps.plan import PlannedRun, build_plan, run_id
 from umv2cli.sweeps.recipe import Recipe, TuneSpec, Tuned, group_key, load_recipe, write_tuned
 from umv2cli.sweeps.workers import WorkerPool, first_done, place, stop_if_pool_stops
@@ -78,7 +79,7 @@ def tune(recipe_path: Path, out: Path, *, executor: str = "local", storage: str 
     storage_spec = storage or str(folder / JOURNAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_storage(storage_spec)
-    (folder / "trials" / "runs").mkdir(parents=True, exist_ok=True)
+    make_dir(folder / "trials" / "runs")
     studies = {group: open_study(store, f"{recipe.name}/{group}", spec) for group in bases}
     for group, study in studies.items():
         for trial in retry_stale(study, store, spec):
@@ -178,6 +179,7 @@ def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, 
     the pruner says so; returns {"state": complete | pruned | failed, "value", "step", "reason"}."""
     import optuna
 
+    from umv2cli.rundir import read_status
     from umv2cli.train import RunFailed, train
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_spec), pruner=pruner(prune))
@@ -193,11 +195,11 @@ def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, 
                 raise optuna.TrialPruned()
 
     try:
-        result = train(spec, run_dir, resume=(run_dir / "spec.json").exists(), on_step=report)
+        result = train(spec, run_dir, resume=None, on_step=report)
     except optuna.TrialPruned:
         return {"state": "pruned", **last, "reason": f"pruned at step {last['step']}"}
-    except RunFailed:
-        return {"state": "failed", **last, "reason": (run_dir / "STATUS").read_text().strip(), "seed_step": 1}
+    except RunFailed as e:
+        return {"state": "failed", **last, "reason": read_status(run_dir) or str(e), "seed_step": 1}
     value = result.final.get(metric, math.nan)
     if result.status != "done" or not math.isfinite(value):
         return {"state": "failed", **last, "reason": f"{result.status}; {metric} = {value}", "seed_step": 1}
@@ -250,7 +252,7 @@ def _drive_slurm(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, trial
 
 def report_evaluations(trial, run_dir: Path, metric: str, after: int) -> int:
     """Report the run's evaluations after step `after` to the study; the last step reported."""
-    from umv2cli.train import read_metrics
+    from umv2cli.rundir import read_metrics
 
     for line in read_metrics(run_dir):
         if "eval_loss" in line and line["step"] > after:
@@ -261,7 +263,7 @@ def report_evaluations(trial, run_dir: Path, metric: str, after: int) -> int:
 
 def slurm_outcome(state, p: _SlurmTrial, run_dir: Path, metric: str) -> dict[str, Any]:
     """A trial's outcome from its run's state once its job has ended."""
-    from umv2cli.sweeps.ledger import tail_metrics
+    from umv2cli.rundir import tail_metrics
 
     if state.state == "done":
         value = tail_metrics(run_dir)[-1].get(metric, math.nan)
@@ -351,7 +353,7 @@ def open_storage(spec: str):
             raise UserError(f"--storage {spec}: cannot open ({str(e).splitlines()[0]}); check the URL, the "
                             "server and its Python driver") from None
     path = Path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
 
 

@@ -6,13 +6,9 @@ import time
 
 import numpy as np
 import pytest
-<<<<<<< HEAD
-from fit_planted import (row, CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
-=======
 
 pl = pytest.importorskip("polars")
-from fit_planted import (CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
->>>>>>> launch
+from fit_planted import (row, CHINCHILLA, MODULATED, loglinear_truth, modulated_truth, planted_chinchilla,
                          planted_leverage, planted_loglinear, planted_modulated)
 
 from umv2cli import fit as F

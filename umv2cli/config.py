@@ -334,6 +334,10 @@ def _placement_problems(sparse: SparseConfig, n_layers: int) -> list[str]:
 # a training run
 
 
+MAX_SEED = 2**63
+"""Seeds are below this: numpy and torch seed with 64-bit integers."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How one run trains (docs/fidelity.md §4 for the defaults that come from the official code)."""
@@ -386,13 +390,18 @@ class TrainConfig:
                     for n in ("steps", "batch_size", "grad_accum", "eval_batches") if getattr(self, n) <= 0]
         if self.seq_len is not None and self.seq_len <= 0:
             problems.append(f"train.seq_len={self.seq_len}: must be positive (or omitted for the model's)")
+        problems += [f"train.{n}={getattr(self, n)}: must be a finite number"
+                     for n in ("lr", "value_lr_mult", "grad_clip", "weight_decay")
+                     if not math.isfinite(getattr(self, n))]
         problems += [f"train.{n}={getattr(self, n)}: must be ≥ 0"
                      for n in ("eval_every", "ckpt_every", "task_samples", "grad_clip", "weight_decay")
                      if getattr(self, n) < 0]
         problems += [f"train.{n}={getattr(self, n)}: must be in [0, 1)"
-                     for n in ("warmup", "cooldown", "min_lr_ratio") if not 0 <= getattr(self, n) < 1]
+                     for n in ("warmup", "cooldown", "min_lr_ratio", "beta1", "beta2") if not 0 <= getattr(self, n) < 1]
         if self.lr <= 0 or self.value_lr_mult <= 0:
             problems.append("train.lr and train.value_lr_mult: must be positive")
+        if not 0 <= self.seed < MAX_SEED:
+            problems.append(f"train.seed={self.seed}: must be in [0, 2^63)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"train.device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         _raise(problems)

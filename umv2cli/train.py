@@ -1,22 +1,27 @@
 """One training run: the unit of work a sweep launches many times.
 
-`train(spec, out)` starts a run and `train(read_run_spec(out), out, resume=True)` continues one. A run
-directory holds:
+`train(spec, out)` starts a run and `train(rundir.read_run_spec(out), out, resume=True)` continues
+one. A run directory holds:
 
+    LOCK           held by the process that trains the run (`umv2cli.rundir`: a second writer is refused)
     spec.json      the full resolved `RunSpec` (written once, at the start)
     metrics.jsonl  one JSON line per optimizer step; eval steps add their results to the line
     eval.json      the final evaluation
     ckpt/last.pt   model, optimizer, step (which is the data position) and every RNG state
     STATUS         written last: "done", or "failed: <reason> at step <n>"
 
-Every file is written to a temporary name and renamed. The data order is a pure function of
-(seed, step) (`data.get_batch`) and the learning rate a pure function of the step, so a checkpoint
-needs no sampler or scheduler state, and a run killed at any moment and resumed from its last
-checkpoint ends exactly where an uninterrupted run would (bit for bit on CPU). SIGTERM, SIGUSR1
-and SIGUSR2 (Slurm's warning signals) make the loop checkpoint after the current step and stop.
-A NaN or Inf loss or gradient norm stops the run with STATUS "failed: …".
+Every file is written to a temporary name and renamed, and read back through `umv2cli.rundir`'s
+checks. The data order is a pure function of (seed, step) (`data.get_batch`) and the learning rate
+a pure function of the step, so a checkpoint needs no sampler or scheduler state, and a run killed
+at any moment and resumed from its last checkpoint ends exactly where an uninterrupted run would
+(bit for bit on CPU). SIGTERM, SIGUSR1 and SIGUSR2 (Slurm's warning signals) make the loop
+checkpoint after the current step and stop. A NaN or Inf loss or gradient norm stops the run with
+STATUS "failed: …"; so does a write that fails (disk full: "failed: disk full at step n"; the last
+checkpoint stays intact), and a damaged file of the run found on resuming ("failed: damaged
+ckpt/last.pt (…)").
 """
 
+import contextlib
 import json
 import math
 import os
@@ -31,9 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umv2cli.config import RunSpec, TrainConfig, run_spec_from_dict
+from umv2cli import rundir
+from umv2cli.config import RunSpec, TrainConfig
 from umv2cli.errors import UserError
-from umv2cli.files import write_atomic
+from umv2cli.files import Damaged, WriteError, make_dir, write_atomic
+from umv2cli.rundir import read_metrics
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -85,18 +92,6 @@ def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
 # files of a run
 
 
-def read_metrics(out: Path | str) -> list[dict]:
-    """The complete lines of metrics.jsonl (a line cut short by a kill is dropped)."""
-    path = Path(out) / "metrics.jsonl"
-    lines = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return lines
-
-
 def save_checkpoint(out: Path, model, optimizer, step: int) -> None:
     state = {
         "model": model.state_dict(),
@@ -109,11 +104,13 @@ def save_checkpoint(out: Path, model, optimizer, step: int) -> None:
             "python": random.getstate(),
         },
     }
-    (out / "ckpt").mkdir(exist_ok=True)
+    make_dir(out / "ckpt")
     write_atomic(out / "ckpt" / "last.pt", lambda f: torch.save(state, f))
 
 
 def load_checkpoint(out: Path, model, optimizer) -> int:
+    """Restore the checkpoint's state into `model`, `optimizer` and every RNG; its step. Call it inside
+    `rundir.reading(...)`: a truncated or foreign checkpoint fails anywhere in here."""
     state = torch.load(out / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -154,6 +151,8 @@ TASK_SEQ_LEN = 128
 HEALTH_TOKENS = 4096
 """UltraMemV2 layer health is measured on the first this many validation tokens of each layer's input: a bounded
 sample (HEALTH_TOKENS × d_model activations per layer), the same tokens in every run."""
+TASK_SEQ_LEN = 128
+"""The memory tasks are drawn at min(seq_len, TASK_SEQ_LEN) tokens a sequence."""
 
 
 @torch.no_grad()
@@ -224,32 +223,35 @@ def set_lr(optimizer, step: int, cfg: TrainConfig) -> float:
     return lr
 
 
-def read_run_spec(out: Path) -> RunSpec:
-    """The spec of the run in `out`, from its spec.json."""
-    path = Path(out) / "spec.json"
-    if not path.exists():
-        raise UserError(f"--resume {out}: no spec.json there; start a run with --out {out}")
-    try:
-        return run_spec_from_dict(json.loads(path.read_text()), where=str(path))
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: not valid JSON; the run directory is damaged") from None
+def spec_problems(spec: RunSpec) -> list[str]:
+    """What a run of `spec` would fail on only after compute was spent, each a line naming the field and the fix:
+    `umv2 sweep plan` and `train` check it first. (The data is checked by `open_run_data`.)"""
+    from umv2cli.evals import check_tasks
+
+    seq_len, problems = spec.train.seq_len or spec.model.seq_len, []
+    if seq_len > spec.model.seq_len:
+        problems.append(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}; lower it")
+    if spec.train.task_samples:
+        try:
+            check_tasks(min(seq_len, TASK_SEQ_LEN), spec.model.vocab_size)
+        except UserError as e:
+            problems += [f"memory task {p}; raise it, or set train.task_samples = 0 (no memory tasks)"
+                         for p in e.problems]
+    return problems
+
+
+def check_new_run_dir(out: Path) -> None:
+    if not rundir.is_new(out):
+        raise UserError(f"--out {out}: exists and is not empty; resume it with --resume {out} or pick a new --out")
 
 
 def open_run_data(spec: RunSpec):
     """The run's token data (`umv2cli.data.TokenData`), checked against its model and its evaluation:
     the sequence length and the vocabulary fit, and so do the memory tasks. `UserError` otherwise."""
     from umv2cli.data import open_data
-    from umv2cli.evals import check_tasks
 
-    seq_len = spec.train.seq_len or spec.model.seq_len
-    if seq_len > spec.model.seq_len:
-        raise UserError(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}")
-    if spec.train.task_samples:
-        try:
-            check_tasks(min(seq_len, TASK_SEQ_LEN), spec.model.vocab_size)
-        except UserError as e:
-            raise UserError(*[f"memory task {p}; or set train.task_samples = 0 (no memory tasks)"
-                              for p in e.problems]) from None
+    if problems := spec_problems(spec):
+        raise UserError(*problems)
     data = open_data(spec.data)
     if data.vocab_size > spec.model.vocab_size:
         raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
@@ -258,40 +260,64 @@ def open_run_data(spec: RunSpec):
 
 
 def create_run_dir(spec: RunSpec, out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: exists and is not empty; resume it with --resume {out} or pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_run_dir(out)  # again, under the lock: the folder may have become a run since the first look
     write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2) + "\n")
 
 
-def train(spec: RunSpec, out: Path, *, resume: bool = False,
+def write_failed(out: Path, error: WriteError, step: int) -> RunFailed:
+    """Mark the run failed by a write that failed (if STATUS can still be written); the error to raise."""
+    what = "disk full" if error.disk_full else f"cannot write {error.path.name}"
+    with contextlib.suppress(WriteError):  # a disk that cannot take STATUS either: the run shows as stopped
+        write_atomic(out / "STATUS", f"failed: {what} at step {step}\n")
+    return RunFailed(f"{error} at step {step}; the last checkpoint is intact, resume once the disk has room")
+
+
+def train(spec: RunSpec, out: Path, *, resume: bool | None = False,
           on_step: Callable[[dict], None] | None = None) -> RunResult:
     """Run `spec` in a new directory `out`, or with `resume` continue the run there (pass
-    `read_run_spec(out)`). `on_step` sees every metrics line (for a progress bar)."""
+    `read_run_spec(out)`); `resume=None` continues the run `out` holds, or starts it if it holds none (a
+    sweep's worker). The run's lock is held throughout: a second writer gets `rundir.RunBusy`. A damaged file
+    of the run marks it failed and raises `Damaged`. `on_step` sees every metrics line (for a progress bar)."""
+    out = Path(out)
+    if resume is False:
+        check_new_run_dir(out)  # before the lock writes anything into a folder that holds no run
+    with rundir.hold(out):
+        try:
+            return _train(spec, out, not rundir.is_new(out) if resume is None else resume, on_step)
+        except Damaged as e:
+            with contextlib.suppress(WriteError):
+                write_atomic(out / "STATUS", f"failed: {rundir.damage_reason(out, e)}\n")
+            raise
+
+
+def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], None] | None) -> RunResult:
     from umv2cli.data import get_batch
     from umv2cli.model.transformer import build_model
 
-    out = Path(out)
-    if resume and (out / "STATUS").exists() and (out / "STATUS").read_text().strip() == "done":
+    if resume and rundir.is_done(out):
         metrics = read_metrics(out)
         return RunResult(out, "done", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})
+    if resume:
+        rundir.check_resumable(out)
     cfg, seq_len = spec.train, spec.train.seq_len or spec.model.seq_len
     data = open_run_data(spec)
     configure_cpu()
     device = resolve_device(cfg.device)
-    if not resume:
-        create_run_dir(spec, out)  # only once every check has passed: a refused run leaves nothing behind
+    if resume:
+        (out / "STATUS").unlink(missing_ok=True)  # a failed run, resumed, is failed no longer
+    else:
+        create_run_dir(spec, out)  # only once every check has passed: a refused run leaves no spec.json
     model = build_model(spec.model, seed=cfg.seed, device=device)
     optimizer = build_optimizer(model, cfg)
-    step = load_checkpoint(out, model, optimizer) if resume and (out / "ckpt" / "last.pt").exists() else 0
-    metrics = [m for m in read_metrics(out) if m["step"] <= step] if resume else []
-    write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    with rundir.reading(out / rundir.CHECKPOINT, fix="move ckpt/ aside to train the run again from step 0"):
+        step = load_checkpoint(out, model, optimizer) if resume and (out / rundir.CHECKPOINT).exists() else 0
+    metrics = rundir.keep_metrics(out, step)
     forward = torch.compile(model) if cfg.compile else model
 
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in STOP_SIGNALS}
     line = metrics[-1] if metrics else {}
-    log = (out / "metrics.jsonl").open("a")
+    log = rundir.MetricsLog(out)
     try:
         while step < cfg.steps and not stop:
             t0 = time.perf_counter()
@@ -307,8 +333,8 @@ def train(spec: RunSpec, out: Path, *, resume: bool = False,
                 loss_sum += loss.item() / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
-                write_atomic(out / "STATUS", f"failed: non-finite {what} ({loss_sum:g}) at step {step + 1}\n")
+                what, value = ("loss", loss_sum) if not math.isfinite(loss_sum) else ("gradient norm", grad_norm)
+                write_atomic(out / "STATUS", f"failed: non-finite {what} ({value:g}) at step {step + 1}\n")
                 raise RunFailed(f"{out}: non-finite {what} at step {step + 1}; STATUS says failed")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -319,18 +345,23 @@ def train(spec: RunSpec, out: Path, *, resume: bool = False,
                     "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 line |= evaluate(model, data, spec, device)
-            log.write(json.dumps(line) + "\n")
-            log.flush()
+            log.append(line)
             if on_step:
                 on_step(line)
             if stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 save_checkpoint(out, model, optimizer, step)
         if stop:
             return RunResult(out, f"stopped by {signal.Signals(stop[0]).name} at step {step}", step, line)
+        if line.get("step") != step:  # resumed at its last step, whose metrics line was lost: evaluate again
+            line = {"step": step, "tokens": step * cfg.batch_size * seq_len * cfg.grad_accum,
+                    **evaluate(model, data, spec, device)}
+            log.append(line)
         evaluation = {k: v for k, v in line.items() if k not in ("tokens", "lr", "grad_norm", "tokens_per_s")}
         write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
         write_atomic(out / "STATUS", "done\n")
         return RunResult(out, "done", step, line)
+    except WriteError as e:
+        raise write_failed(out, e, step) from None
     finally:
         log.close()
         for s, handler in previous.items():

@@ -136,7 +136,8 @@ def test_a_requeued_then_preempted_run_resumes_from_its_checkpoint_and_ends_as_a
         cluster, tmp_path, umv2, monkeypatch):
     import torch
 
-    from umv2cli.train import read_metrics, read_run_spec, train
+    from umv2cli.rundir import read_run_spec
+    from umv2cli.train import read_metrics, train
 
     recipe = write_recipe(tmp_path, "long", steps=600, sizes=[32])
     code, out, err = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")

@@ -22,7 +22,7 @@ def fit(
                                             "leverage (F4: compute multiplier over a dense ladder).")] = Form.loglinear,
     bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples: configurations with all their "
                                                        "runs, never checkpoints.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
     at_flops: Annotated[list[float] | None, typer.Option(
         "--at-flops", help="Also refit at this training-FLOP budget (a sweep directory is aggregated there; a table "
                            "needs rows at it) and say whether the verdict holds; repeat for several.")] = None,
@@ -33,14 +33,14 @@ def fit(
     import json
 
     from umv2cli.errors import UserError
-    from umv2cli.files import write_atomic
+    from umv2cli.files import make_dir, write_atomic
     from umv2cli.fit import robustness_text, run_fit, show, show_ci, trade_text
 
     if json_out is not None and json_out.is_dir():
         raise UserError(f"--json {json_out}: is a directory; give a file name such as {json_out / 'fit.json'}")
     r = run_fit(path, form.value, bootstrap, seed, at_flops=at_flops or ())
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(json_out.parent)
         write_atomic(json_out, json.dumps(r, indent=2))
     typer.echo(f"{r['form']} on {r['fitted_on']}: {r['n_runs']} runs, {r['n_configs']} configs; params "
                + ", ".join(f"{k}={v:.6g}" for k, v in r["params"].items())

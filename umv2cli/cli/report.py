@@ -25,7 +25,7 @@ def report(
     form: Annotated[Form, typer.Option(help="The law fitted for the verdict (as `umv2 fit --form`).")] = Form.loglinear,
     bootstrap: Annotated[int, typer.Option(min=1, help="Case-bootstrap resamples: configurations with all their "
                                                        "runs, never checkpoints.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
     fmt: Annotated[Format, typer.Option("--format", help="png or svg: also write each figure as an image (for "
                                                          "papers and slides), drawn offline by kaleido in headless "
                                                          "Chromium.")] = Format.html,
@@ -35,8 +35,11 @@ def report(
 ) -> None:
     """Write one HTML file that opens offline (plotly.js inlined): the verdict, loss curves, the (P, m) grid,
     the fitted law and its residuals, bootstrap distributions, iso-cost pairs, memory tasks, every run."""
+    from umv2cli.errors import UserError
     from umv2cli.report import build_report
 
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name such as {out / 'report.html'}")
     image_format = fmt.value if fmt != Format.html else "png" if images else None
     page, written = build_report(path, out, form.value, bootstrap, seed, image_format, images)
     typer.echo(f"report: {page}")

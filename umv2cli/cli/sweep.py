@@ -15,6 +15,7 @@ WORKERS = ("Local: worker processes in all, each running one run at a time (defa
 RUNS_PER_GPU = "Local, on GPUs: workers per GPU, to pack small runs onto each GPU."
 SHOWN = 20
 """Runs on Slurm that `status` lists before it counts the rest."""
+FORCE = "Plan a grid larger than the limit (100,000 runs; sweeps.plan.MAX_RUNS)."
 
 
 @app.command()
@@ -26,15 +27,16 @@ def plan(
     show_all: Annotated[bool, typer.Option("--all", help="Every run of a long plan, not its first and last "
                                                          "ones.")] = False,
     mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
+    force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
 ) -> None:
     """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each."""
     import shutil
 
     from umv2cli.cli.plan_table import plan_lines
-    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.plan import MAX_RUNS, build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
-    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu)]
+    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, max_runs=None if force else MAX_RUNS)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -53,6 +55,7 @@ def run(
     runs_per_gpu: Annotated[int, typer.Option(min=1, help=RUNS_PER_GPU)] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
     partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
     account: Annotated[str | None, typer.Option(help="Slurm account.", rich_help_panel=SLURM)] = None,
     qos: Annotated[str | None, typer.Option(help="Slurm QOS.", rich_help_panel=SLURM)] = None,
@@ -70,7 +73,7 @@ def run(
     slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "gpus": gpus, "cpus": cpus,
              "mem_gb": mem_gb, "constraint": constraint}
     sweep, results = launch(recipe, out, executor=executor, workers=workers, runs_per_gpu=runs_per_gpu, slurm=slurm,
-                            wait=wait, retry_failed=retry_failed, on_done=_print_done)
+                            wait=wait, retry_failed=retry_failed, force=force, on_done=_print_done)
     _summary(sweep, results)
 
 
@@ -79,7 +82,7 @@ def _print_done(run_id: str, status: str) -> None:
 
 
 def _summary(sweep: Path, results: dict[str, str]) -> None:
-    """The launch's last line; exit code 1 if a run ended without finishing."""
+    """The launch's last line; exit code 1 if a run ended without finishing, or runs elsewhere."""
     queued = [s.removeprefix("queued as Slurm job ") for s in results.values() if s.startswith("queued as Slurm job ")]
     if queued:
         arrays = Counter(job.split("_")[0] for job in queued)  # "812_4" → array 812
@@ -89,9 +92,11 @@ def _summary(sweep: Path, results: dict[str, str]) -> None:
     if not results:
         _nothing_to_launch(sweep)
         return
-    failed = sum(not s.startswith("done") for s in results.values())
-    typer.echo(f"launched {len(results)} runs ({failed} not done); sweep in {sweep}/")
-    if failed:
+    elsewhere = sum(s.startswith("running elsewhere") for s in results.values())
+    failed = sum(not s.startswith(("done", "running elsewhere")) for s in results.values())
+    skipped = f"; {elsewhere} running elsewhere, left to them" if elsewhere else ""
+    typer.echo(f"launched {len(results) - elsewhere} runs ({failed} not done){skipped}; sweep in {sweep}/")
+    if failed or elsewhere:
         raise typer.Exit(1)
 
 

@@ -33,7 +33,8 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from umv2cli.errors import UserError
-    from umv2cli.train import RunFailed, read_run_spec, train as run_training
+    from umv2cli.rundir import read_run_spec
+    from umv2cli.train import RunFailed, train as run_training
 
     if (out is None) == (resume is None):
         raise UserError("give exactly one of --out DIR (a new run) or --resume DIR (continue one)")
