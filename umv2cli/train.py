@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from umv2cli import parallel
 from umv2cli.config import RunSpec, TrainConfig, run_spec_from_dict
 from umv2cli.errors import UserError
 from umv2cli.files import write_atomic
@@ -127,10 +128,12 @@ def load_checkpoint(out: Path, model, optimizer) -> int:
 
 
 def configure_cpu() -> None:
-    """Threads from the CPUs this job was given (Slurm's allocation, else the affinity mask), and
-    denormal floats flushed to zero: early in training they made CPU steps 60× slower here."""
+    """Threads from the CPUs this job was given (Slurm's allocation, else the affinity mask shared
+    by the run's processes on this machine), and denormal floats flushed to zero: early in
+    training they made CPU steps 60× slower here."""
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
-    torch.set_num_threads(int(slurm) if slurm else len(os.sched_getaffinity(0)))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes of a run on this machine
+    torch.set_num_threads(int(slurm) if slurm else max(1, len(os.sched_getaffinity(0)) // local))
     torch.set_flush_denormal(True)
 
 
@@ -240,15 +243,44 @@ def create_run_dir(spec: RunSpec, out: Path) -> None:
     write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2) + "\n")
 
 
+def resume_step(out: Path, model, optimizer, dist: "parallel.Distributed | None") -> int:
+    """Load the newest checkpoint of `out` into model and optimizer; its step (0 without one). One
+    process reads ckpt/last.pt, or a sharded checkpoint of several processes, which it rewrites as
+    last.pt; several processes read a sharded checkpoint (`parallel.Distributed.load`)."""
+    if dist:
+        return dist.load(out, model, optimizer)
+    newest = parallel.newest_checkpoint(out)
+    if newest == "sharded":
+        step = parallel.load_sharded(out, model, optimizer)
+        save_checkpoint(out, model, optimizer, step)
+        parallel.remove_sharded(out)
+        return step
+    return load_checkpoint(out, model, optimizer) if newest else 0
+
+
 def train(spec: RunSpec, out: Path, *, resume: bool = False,
           on_step: Callable[[dict], None] | None = None) -> RunResult:
     """Run `spec` in a new directory `out`, or with `resume` continue the run there (pass
-    `read_run_spec(out)`). `on_step` sees every metrics line (for a progress bar)."""
+    `read_run_spec(out)`). `on_step` sees every metrics line (for a progress bar). Started as one of
+    several processes (torchrun, Slurm), the run spreads over them (`umv2cli.parallel`)."""
+    dist = parallel.start(spec, Path(out))
+    if dist is None:
+        return _train(spec, Path(out), resume, on_step, None)
+    with dist:
+        return _train(spec, Path(out), resume, on_step, dist)
+
+
+def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], None] | None,
+           dist: "parallel.Distributed | None") -> RunResult:
     from umv2cli.data import get_batch, open_data
     from umv2cli.model.transformer import build_model
 
-    out = Path(out)
-    if not resume:
+    lead = dist is None or dist.lead  # the one process that writes the run's files
+    if dist:
+        resume = dist.agree(resume)  # rank 0 makes the run directory: its view decides
+    if not resume and dist:
+        dist.on_lead(lambda: create_run_dir(spec, out))
+    elif not resume:
         create_run_dir(spec, out)
     elif (out / "STATUS").exists() and (out / "STATUS").read_text().strip() == "done":
         metrics = read_metrics(out)
@@ -261,18 +293,21 @@ def train(spec: RunSpec, out: Path, *, resume: bool = False,
         raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
                         f"vocab_size={spec.model.vocab_size}; raise model.vocab_size")
     configure_cpu()
-    device = resolve_device(cfg.device)
+    device = dist.device if dist else resolve_device(cfg.device)
     model = build_model(spec.model, seed=cfg.seed, device=device)
+    forward = dist.prepare(model) if dist else model  # splits the tables: before the optimizer
     optimizer = build_optimizer(model, cfg)
-    step = load_checkpoint(out, model, optimizer) if resume and (out / "ckpt" / "last.pt").exists() else 0
+    step = resume_step(out, model, optimizer, dist) if resume else 0
     metrics = [m for m in read_metrics(out) if m["step"] <= step] if resume else []
-    write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    forward = torch.compile(model) if cfg.compile else model
+    if lead:
+        write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    forward = torch.compile(forward) if cfg.compile else forward
 
-    stop: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in STOP_SIGNALS}
+    stop: list[int] = []  # several processes stop together: a signal waits in dist.signals until shared
+    previous = {s: signal.signal(s, lambda signum, frame: (dist.signals if dist else stop).append(signum))
+                for s in STOP_SIGNALS}
     line = metrics[-1] if metrics else {}
-    log = (out / "metrics.jsonl").open("a")
+    log = (out / "metrics.jsonl").open("a") if lead else open(os.devnull, "w")
     try:
         while step < cfg.steps and not stop:
             t0 = time.perf_counter()
@@ -281,15 +316,23 @@ def train(spec: RunSpec, out: Path, *, resume: bool = False,
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(data.train, cfg.batch_size, seq_len, seed=cfg.seed,
                                  index=step * cfg.grad_accum + micro)
+                if dist:
+                    x, y = dist.own_rows(x, y)
+                    dist.sync_gradients(last=micro == cfg.grad_accum - 1)
                 with autocast(device):
                     logits, aux = forward(x.to(device))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
                 ((loss + aux) / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+            if dist:
+                loss_sum = dist.mean(loss_sum)
+                grad_norm = dist.clip_grad_norm(model, cfg.grad_clip or math.inf)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
-                write_atomic(out / "STATUS", f"failed: non-finite {what} ({loss_sum:g}) at step {step + 1}\n")
+                if lead:
+                    write_atomic(out / "STATUS", f"failed: non-finite {what} ({loss_sum:g}) at step {step + 1}\n")
                 raise RunFailed(f"{out}: non-finite {what} at step {step + 1}; STATUS says failed")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -304,13 +347,18 @@ def train(spec: RunSpec, out: Path, *, resume: bool = False,
             log.flush()
             if on_step:
                 on_step(line)
-            if stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            if dist:
+                dist.stop_together(stop)
+            if (stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0)) and dist:
+                dist.save(out, model, optimizer, step)
+            elif stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 save_checkpoint(out, model, optimizer, step)
         if stop:
             return RunResult(out, f"stopped by {signal.Signals(stop[0]).name} at step {step}", step, line)
         evaluation = {k: v for k, v in line.items() if k not in ("tokens", "lr", "grad_norm", "tokens_per_s")}
-        write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
-        write_atomic(out / "STATUS", "done\n")
+        if lead:
+            write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
+            write_atomic(out / "STATUS", "done\n")
         return RunResult(out, "done", step, line)
     finally:
         log.close()

@@ -19,12 +19,14 @@ def plan(
     recipe: Annotated[Path, typer.Argument(help="A recipe .toml (see recipes/ and the README).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
     mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
+    gpus_per_run: Annotated[int | None, typer.Option(
+        min=1, help="GPUs a run (default: the recipe's slurm nodes × gpus, or 1).")] = None,
 ) -> None:
-    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each."""
+    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens, GPUs, GPU-hours and wall-clock hours of each."""
     from umv2cli.sweeps.plan import build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
-    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu)]
+    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, processes=gpus_per_run)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -35,14 +37,16 @@ def plan(
 
     axes = [k for k in rows[0] if k.startswith("grid.")]
     table = Table("run", "seed", *[a.removeprefix("grid.") for a in axes], "kind", "P", "m", "m/N", "activated",
-                  "FLOPs/tok", "tokens", "Δ match", "GPU-h", title=f"{recipe} ({len(rows)} runs)")
+                  "FLOPs/tok", "tokens", "Δ match", "GPUs", "GPU-h", "wall h", title=f"{recipe} ({len(rows)} runs)")
     for r in rows:
         table.add_row(r["run_id"], str(r["seed"]), *[str(r[a]) for a in axes], r["kind"], _count(r["sparse_params"]),
                       str(r["topm"]), f"{r['density']:.2e}", _count(r["activated_params"]),
                       _count(r["flops_per_token"]), _count(r["tokens"]), f"{100 * r['match_residual']:+.2f}%",
-                      f"{r['gpu_hours']:.3g}")
+                      str(r["gpus"]), f"{r['gpu_hours']:.3g}", f"{r['wall_hours']:.3g}")
     Console().print(table)
-    typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100")
+    typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100; "
+               f"the longest run {max(r['wall_hours'] for r in rows):.3g} wall-clock hours on {rows[0]['gpus']} GPUs "
+               "(if each of them is as fast as one alone)")
 
 
 @app.command()
@@ -52,6 +56,8 @@ def run(
     executor: Annotated[str, typer.Option(
         help="Where runs execute: local (a pool of workers here) or slurm (job arrays through submitit).")] = "local",
     workers: Annotated[int | None, typer.Option(min=1, help="Local workers (default: one per CPU).")] = None,
+    gpus_per_run: Annotated[int, typer.Option(
+        min=1, help="Local: processes of each run (one per GPU; CPU processes without GPUs), started by torchrun.")] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
     partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
@@ -59,8 +65,10 @@ def run(
     qos: Annotated[str | None, typer.Option(help="Slurm QOS.", rich_help_panel=SLURM)] = None,
     time: Annotated[str | None, typer.Option(help="Per job: minutes, or a Slurm time such as 4:00:00 (default 60).",
                                              rich_help_panel=SLURM)] = None,
-    gpus: Annotated[int | None, typer.Option(min=1, help="GPUs per run.", rich_help_panel=SLURM)] = None,
-    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs per run.", rich_help_panel=SLURM)] = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="Nodes per run.", rich_help_panel=SLURM)] = None,
+    gpus: Annotated[int | None, typer.Option(min=1, help="GPUs per node of a run (one process each).",
+                                             rich_help_panel=SLURM)] = None,
+    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs per process of a run.", rich_help_panel=SLURM)] = None,
     mem_gb: Annotated[float | None, typer.Option(min=0.001, help="Memory per run in GB.",
                                                  rich_help_panel=SLURM)] = None,
     constraint: Annotated[str | None, typer.Option(help="Slurm node constraint.", rich_help_panel=SLURM)] = None,
@@ -68,10 +76,10 @@ def run(
     """Launch every run of RECIPE that is not done, queued or running; Slurm: submit and return (or --wait)."""
     from umv2cli.sweeps.launch import launch
 
-    slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "gpus": gpus, "cpus": cpus,
+    slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "nodes": nodes, "gpus": gpus, "cpus": cpus,
              "mem_gb": mem_gb, "constraint": constraint}
-    sweep, results = launch(recipe, out, executor=executor, workers=workers, slurm=slurm, wait=wait,
-                            retry_failed=retry_failed, on_done=_print_done)
+    sweep, results = launch(recipe, out, executor=executor, workers=workers, gpus_per_run=gpus_per_run, slurm=slurm,
+                            wait=wait, retry_failed=retry_failed, on_done=_print_done)
     _summary(sweep, results)
 
 

@@ -1,5 +1,6 @@
 """`umv2 train`: one training run, with a progress bar; `--resume DIR` continues one."""
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,7 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from umv2cli.errors import UserError
+    from umv2cli.parallel import RanksLost
     from umv2cli.train import RunFailed, read_run_spec, train as run_training
 
     if (out is None) == (resume is None):
@@ -35,17 +37,21 @@ def train(
         raise UserError("--resume DIR continues the run as its spec.json says; drop the other options")
     else:
         spec = read_run_spec(resume)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun every process runs this; rank 0 reports
     columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, transient=True, disable=not lead) as progress:
         bar = progress.add_task("train", total=spec.train.steps, loss=float("nan"), tps=0.0)
         try:
             result = run_training(spec, out or resume, resume=resume is not None,
                                   on_step=lambda m: progress.update(bar, completed=m["step"], loss=m["train_loss"],
                                                                     tps=m["tokens_per_s"]))
-        except RunFailed as e:
-            typer.echo(f"failed: {e}", err=True)
+        except (RunFailed, RanksLost) as e:
+            if lead:
+                typer.echo(f"{'failed' if isinstance(e, RunFailed) else 'stopped'}: {e}", err=True)
             raise typer.Exit(1) from None
+    if not lead:
+        raise typer.Exit(0 if result.status == "done" else 3)
     final = result.final
     typer.echo(f"{result.status}: step {result.step}, train_loss {final.get('train_loss', float('nan')):.4f}"
                + (f", eval_loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""))
