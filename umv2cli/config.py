@@ -425,7 +425,8 @@ def layout_problems(spec: RunSpec, world_size: int) -> list[str]:
     problems = []
     if world_size % mp:
         problems.append(f"train.memory_parallel={mp}: needs a number of processes that is a multiple of {mp}, "
-                        f"got {world_size}; launch with {launch}, or set memory_parallel = 1")
+                        f"got {world_size}; launch with {launch}, or set memory_parallel = 1 (to resume a run so: "
+                        "umv2 train --resume DIR --memory-parallel 1)")
     if cfg.batch_size % world_size:
         problems.append(f"train.batch_size={cfg.batch_size}: each of the {world_size} processes reads an equal "
                         f"slice of every batch; make batch_size a multiple of {world_size} (grad_accum keeps the "
@@ -444,9 +445,9 @@ def layout_problems(spec: RunSpec, world_size: int) -> list[str]:
                 problems.append(f"train.memory_parallel={mp}: splits sparse.dv={sparse.dv} into {mp} column blocks; "
                                 f"make dv a multiple of {mp}")
         else:
-            what = f"a {sparse.kind} layer" if sparse else "a dense model"
-            problems.append(f"train.memory_parallel={mp}: {what} has no value table to split by columns (ultramemv2 "
-                            "and pkm/Memory+ have); set memory_parallel = 1")
+            what = f"the tables of a {sparse.kind} layer" if sparse else "a dense model's"
+            problems.append(f"train.memory_parallel={mp}: only UltraMemV2 and PKM/Memory+ tables split by columns, "
+                            f"not {what}; set memory_parallel = 1")
     return problems
 
 

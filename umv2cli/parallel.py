@@ -180,22 +180,24 @@ class Distributed:
         from torch.distributed.tensor import DTensor
 
         tables = {id(p) for p in model.memory_tables()}
-        for p in self.manual:
-            dist.all_reduce(p.grad, group=self.mesh["data"].get_group() if id(p) in tables else None)
-            p.grad.div_(self.world)
+        data = self.mesh["data"].get_group()
+        for p in self.manual:  # each process's gradient is of its own loss, 1/W of the run's
+            group = data if id(p) in tables else dist.group.WORLD
+            if group.size() > 1:
+                dist.all_reduce(p.grad, group=group)
+            if self.world > 1:
+                p.grad.div_(self.world)
         # one all-reduce of Σ g² over the processes: a gradient whole on every process counts 1/W on
         # each, a table's column block 1/(W/M) on each replica that holds it, an FSDP shard once
         split = tables if self.cfg.memory_parallel > 1 else set()
-        replicas = self.world // self.cfg.memory_parallel
-        grads, weighted = [], []
+        grads, weights = [], []
         for p in model.parameters():
-            if p.grad is None:
-                continue
-            sharded = isinstance(p.grad, DTensor)
-            grads.append(p.grad.to_local() if sharded else p.grad)
-            weighted.append(torch.linalg.vector_norm(grads[-1]).square()
-                            * (1.0 if sharded else 1 / replicas if id(p) in split else 1 / self.world))
-        total_sq = torch.stack(weighted).sum()
+            if p.grad is not None:
+                sharded = isinstance(p.grad, DTensor)
+                grads.append(p.grad.to_local() if sharded else p.grad)
+                weights.append(1.0 if sharded else 1 / data.size() if id(p) in split else 1 / self.world)
+        norms = torch.stack(torch._foreach_norm(grads))
+        total_sq = (norms.square() * torch.tensor(weights, device=norms.device)).sum()
         dist.all_reduce(total_sq)
         total = total_sq.sqrt()
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
@@ -253,13 +255,16 @@ class Distributed:
         if kind is None:
             return 0
         if kind == "last.pt":
-            self.on_lead(lambda: _shard_last_pt(out, self.spec))
+            self.on_lead(lambda: shard_last_pt(out, self.spec))
         return load_sharded(out, model, optimizer, self.mesh)
 
     # ------------------------------------------------------------------------------------------
     # failures
 
     def __enter__(self) -> "Distributed":
+        # SIGTERM is how torchrun ends the others when a process died, and how Slurm stops a job: it
+        # must never kill a process before rank 0 has settled the run (in the loop it stops it)
+        self._previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: self.signals.append(signum))
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -269,11 +274,11 @@ class Distributed:
             self._done.set()
             self._beating.join()
             dist.destroy_process_group()
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
             return
         if isinstance(error, (RunFailed, UserError)) or not isinstance(error, Exception):
             self._done.set()  # every process agreed on it (rank 0 wrote STATUS), or an interrupt
             return
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a launcher ending the others waits for this
         if not self.lead:
             self._publish(error)
             return
@@ -454,7 +459,7 @@ def _commit(out: Path, name: str, step: int, layout: dict) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _shard_last_pt(out: Path, spec: RunSpec) -> None:
+def shard_last_pt(out: Path, spec: RunSpec) -> None:
     """Rewrite a one-process checkpoint (ckpt/last.pt) as a sharded one, through a one-process model
     on the CPU."""
     import torch.distributed.checkpoint as dcp

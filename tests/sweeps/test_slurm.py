@@ -175,6 +175,31 @@ def test_a_requeued_then_preempted_run_resumes_from_its_checkpoint_and_ends_as_a
     assert "Restarts=2" in show
 
 
+def test_a_run_of_two_tasks_trains_together_is_requeued_and_resumes_with_no_lost_or_repeated_step(
+        cluster, tmp_path, umv2):
+    recipe = write_recipe(tmp_path, "two", steps=200, sizes=[32], slurm="cpus = 1\ntasks = 2")
+    code, out, err = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")
+    assert code == 0, err
+    sweep = tmp_path / "out" / "two"
+    [job] = jobs_of(sweep)
+    run, job_id = sweep / "runs" / job["run_id"], job["job_id"]
+
+    def sharded() -> dict:
+        path = run / "ckpt" / "sharded.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    wait_until(lambda: last_step(run) >= 20, "the run's first steps")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)  # SIGTERM to both tasks, then Slurm requeues
+    wait_until(lambda: job_states([job_id]).get(job_id, "") in QUEUED, "the requeue")
+    stopped = last_step(run)
+    assert sharded()["step"] == stopped and steps_logged(run) == list(range(1, stopped + 1))
+    wait_until(lambda: status(umv2, sweep)["done"] == 1, "the run to finish")
+    assert steps_logged(run) == list(range(1, 201))  # no step lost or repeated
+    assert sharded()["world_size"] == 2 and sharded()["step"] == 200  # both tasks trained it, to the end
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in show and "NumTasks=2" in show
+
+
 def test_cancel_stops_every_job_of_a_sweep_and_resume_finishes_it(cluster, tmp_path, umv2):
     recipe = write_recipe(tmp_path, "pair", steps=300, sizes=[32, 48], slurm="cpus = 1\narray_parallelism = 1")
     code, out, err = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+LAYOUT = "Layout of a run on several processes"
+
 
 def train(
     config: Annotated[Path | None, typer.Argument(
@@ -20,23 +22,37 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     out: Annotated[Path | None, typer.Option(help="The run directory to create.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+    data_parallel: Annotated[str | None, typer.Option(
+        help="ddp or fsdp: how the processes of a distributed run hold the dense backbone (with --resume too).",
+        rich_help_panel=LAYOUT)] = None,
+    memory_parallel: Annotated[int | None, typer.Option(
+        min=1, help="Processes that split each memory table by columns (with --resume too).",
+        rich_help_panel=LAYOUT)] = None,
 ) -> None:
-    """Train one model; results go to --out (spec.json, metrics.jsonl, eval.json, ckpt/, STATUS)."""
+    """Train one model; results go to --out (spec.json, metrics.jsonl, eval.json, ckpt/, STATUS).
+    Under torchrun (`torchrun --nproc-per-node N -m umv2cli train …`) the N processes train it together."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from umv2cli.config import run_spec_from_dict
     from umv2cli.errors import UserError
     from umv2cli.parallel import RanksLost
     from umv2cli.train import RunFailed, read_run_spec, train as run_training
 
     if (out is None) == (resume is None):
         raise UserError("give exactly one of --out DIR (a new run) or --resume DIR (continue one)")
+    layout = {"data_parallel": data_parallel, "memory_parallel": memory_parallel}
     if resume is None:
-        spec = _run_spec(config, preset, data, {"steps": steps, "ckpt_every": ckpt_every,
-                                                "eval_every": eval_every, "seed": seed, "device": device})
+        spec = _run_spec(config, preset, data, {"steps": steps, "ckpt_every": ckpt_every, "eval_every": eval_every,
+                                                "seed": seed, "device": device, **layout})
     elif any(v is not None for v in (config, preset, data, steps, ckpt_every, eval_every, seed, device)):
-        raise UserError("--resume DIR continues the run as its spec.json says; drop the other options")
+        raise UserError("--resume DIR continues the run as its spec.json says; drop the other options "
+                        "(but --data-parallel and --memory-parallel, which may change)")
     else:
         spec = read_run_spec(resume)
+        given = {k: v for k, v in layout.items() if v is not None}
+        if given:  # the layout is not part of the run: it may resume on other processes
+            spec = run_spec_from_dict({**spec.to_dict(), "train": {**spec.to_dict()["train"], **given}},
+                                      where="options")
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun every process runs this; rank 0 reports
     columns = (TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn())
