@@ -42,6 +42,7 @@ hangs (NCCL), from a watcher thread that reads the store; collectives time out a
 processes of a run whose process died.
 """
 
+import contextlib
 import datetime
 import inspect
 import io
@@ -54,6 +55,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -276,11 +278,14 @@ class Distributed:
             dist.destroy_process_group()
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             return
-        if isinstance(error, (RunFailed, UserError)) or not isinstance(error, Exception):
-            self._done.set()  # every process agreed on it (rank 0 wrote STATUS), or an interrupt
+        if isinstance(error, RunFailed) or not isinstance(error, Exception):
+            self._done.set()  # every process stopped at the same step (rank 0 wrote STATUS), or an interrupt
             return
         if not self.lead:
             self._publish(error)
+            return
+        if isinstance(error, UserError):  # bad input, as for one process (exit code 2)
+            self._done.set()
             return
         if not self._deciding.acquire(blocking=False):  # the watcher is at it, and ends this process
             threading.Event().wait()
@@ -434,13 +439,22 @@ def load_sharded(out: Path, model: torch.nn.Module, optimizer, mesh=None) -> int
     init_optimizer_state(optimizer)
     name = json.loads((out / "ckpt" / POINTER).read_text())["checkpoint"]
     state = checkpoint_state(model, optimizer, mesh) | {"step": 0, "rng": io.BytesIO()}
-    dcp.load(state, checkpoint_id=out / "ckpt" / name, no_dist=mesh is None)
+    with _quiet_one_process():
+        dcp.load(state, checkpoint_id=out / "ckpt" / name, no_dist=mesh is None)
     state["rng"].seek(0)
     rng = pickle.load(state["rng"])
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     return state["step"]
+
+
+@contextlib.contextmanager
+def _quiet_one_process():
+    """torch.distributed.checkpoint warns that it works in one process even when told so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def remove_sharded(out: Path) -> None:
@@ -471,5 +485,6 @@ def shard_last_pt(out: Path, spec: RunSpec) -> None:
     optimizer = build_optimizer(model, spec.train)
     step = load_checkpoint(out, model, optimizer)
     name = f"sharded-{step:09d}"
-    dcp.save(checkpoint_state(model, optimizer) | _extras(step), checkpoint_id=out / "ckpt" / name, no_dist=True)
+    with _quiet_one_process():
+        dcp.save(checkpoint_state(model, optimizer) | _extras(step), checkpoint_id=out / "ckpt" / name, no_dist=True)
     _commit(out, name, step, {"world_size": 1, "converted_from": "last.pt"})

@@ -7,6 +7,7 @@ directory holds:
     metrics.jsonl  one JSON line per optimizer step; eval steps add their results to the line
     eval.json      the final evaluation
     ckpt/last.pt   model, optimizer, step (which is the data position) and every RNG state
+                   (a run on several processes: ckpt/sharded-<step>/, named by ckpt/sharded.json)
     STATUS         written last: "done", or "failed: <reason> at step <n>"
 
 Every file is written to a temporary name and renamed. The data order is a pure function of
@@ -14,7 +15,9 @@ Every file is written to a temporary name and renamed. The data order is a pure 
 needs no sampler or scheduler state, and a run killed at any moment and resumed from its last
 checkpoint ends exactly where an uninterrupted run would (bit for bit on CPU). SIGTERM, SIGUSR1
 and SIGUSR2 (Slurm's warning signals) make the loop checkpoint after the current step and stop.
-A NaN or Inf loss or gradient norm stops the run with STATUS "failed: …".
+A NaN or Inf loss or gradient norm stops the run with STATUS "failed: …". Started by torchrun or
+as a Slurm job of several tasks, the run spreads over the processes (`umv2cli.parallel`); the
+loop's few calls to it are `if dist:` branches, and one process runs exactly as before.
 """
 
 import json
