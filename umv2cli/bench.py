@@ -264,6 +264,7 @@ def distributed_speed(preset: str = "ultramemv2-227m", *, processes: int = 1, me
     kernels on their own streams may overlap computation, so these shares bound what they cost)."""
     import json
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -276,25 +277,28 @@ def distributed_speed(preset: str = "ultramemv2-227m", *, processes: int = 1, me
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
 
-    def timed(spec, out: Path, launcher: list[str], profile: bool = False) -> list[dict]:
+    def timed(spec, out: Path, launcher: list[str], profile: bool = False) -> tuple[list[dict], dict]:
+        """The run's metrics and its profile; its directory is removed (a 227M checkpoint is ~15 GB)."""
         create_run_dir(spec, out)
         command = [*launcher, "-m", "umv2cli.bench", "run", str(out), *(["--profile"] if profile else [])]
         subprocess.run(command, env=env, check=True)
-        return read_metrics(out)
+        metrics, shares = read_metrics(out), json.loads((out / "profile.json").read_text()) if profile else {}
+        shutil.rmtree(out)
+        return metrics, shares
 
     def tokens_per_s(metrics: list[dict]) -> float:
         return statistics.median(m["tokens_per_s"] for m in metrics[warmup:])
 
     with tempfile.TemporaryDirectory() as tmp:
-        many = timed(spec, Path(tmp) / "dist", torchrun, profile)
+        many, shares = timed(spec, Path(tmp) / "dist", torchrun, profile)
         result = {"preset": preset, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                   "processes": processes, "memory_parallel": memory_parallel, "data_parallel": data_parallel,
                   "tokens_per_step": batch_size * seq_len, "tokens_per_s": tokens_per_s(many)}
         if profile:
-            result["collective_share"] = json.loads((Path(tmp) / "dist" / "profile.json").read_text())
+            result["collective_share"] = shares
         if baseline:
             one_spec = run_spec_from_dict({**spec.to_dict(), "train": {**spec.to_dict()["train"], "memory_parallel": 1}})
-            one = timed(one_spec, Path(tmp) / "one", [sys.executable])
+            one, _ = timed(one_spec, Path(tmp) / "one", [sys.executable])
             result |= {"one_process_tokens_per_s": tokens_per_s(one),
                        "ratio": tokens_per_s(many) / tokens_per_s(one),
                        "scaling": tokens_per_s(many) / (processes * tokens_per_s(one)),

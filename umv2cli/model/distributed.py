@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umv2cli.kernels.lookup import memory_lookup
-from umv2cli.model.moe import Router
+from umv2cli.model.moe import MoE, Router
 from umv2cli.model.pkm import ProductKeyMemory
 from umv2cli.model.ultramemv2 import UltraMemV2
 
@@ -109,13 +109,14 @@ class _Exchange(torch.autograd.Function):
 
 
 def gather_tokens(x_B: torch.Tensor, group) -> torch.Tensor:
+    """[B, …] on each process → [G·B, …]: the group's tokens, in process order."""
     return _GatherTokens.apply(x_B, group)
 
 
 def my_columns_of_every_token(x_BD: torch.Tensor, group) -> torch.Tensor:
     """[B, D] on each process → [G·B, D/G]: column block g (this process's) of the group's tokens."""
     G, B = group.size(), x_BD.shape[0]
-    return _Exchange.apply(x_BD.view(B, G, -1).transpose(0, 1), group).reshape(G * B, -1)
+    return _Exchange.apply(x_BD.reshape(B, G, -1).transpose(0, 1), group).reshape(G * B, -1)
 
 
 def my_tokens_from_every_process(o_NV: torch.Tensor, group) -> torch.Tensor:
@@ -193,7 +194,7 @@ class GlobalBatchRouter(Router):
 def balance_whole_batches(model: nn.Module, group) -> None:
     """Make the MoE routers of `model` compute the load-balance loss of the whole batch of `group`."""
     for layer in model.sparse:
-        if hasattr(layer, "router"):
+        if isinstance(layer, MoE):
             layer.router.__class__ = GlobalBatchRouter
             layer.router.group = group
 
