@@ -194,9 +194,9 @@ def execute_distributed_run(spec: RunSpec, run_dir: Path, processes: int, device
 
 
 def torchrun_failure(returncode: int, output: str) -> str:
-    """Why a torchrun of `umv2 train` ended without a STATUS: rank 0's own last word ("stopped: …"),
+    """Why a torchrun of `umv2 train` ended without a STATUS: rank 0's own word ("stopped: …"),
     else torchrun's first failed rank and its exit code or signal."""
-    ours = [line for line in output.splitlines() if line.startswith(("stopped", "failed: "))]
+    ours = [line.removeprefix("stopped: ") for line in output.splitlines() if line.startswith("stopped: ")]
     if ours:
         return ours[-1]
     cause = output[output.find("Root Cause"):]
