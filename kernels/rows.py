@@ -1,17 +1,23 @@
-"""The row layout that the lookup kernels (K2, K3 in lookup.py) and the table gradient (K4 in
-value_grad.py) share: one place for how a lookup finds its row, its scores and its elements.
+"""What the lookup kernels (K2 and the x_p pass in lookup.py, K34 in value_grad.py) share: the row
+layout, the neuron's activation, segment sums, and how many lookups one program loads at once.
 
 A table row is ``[P (D_p) | V (D_v)]``, and V is read as a ``[C, W]`` tile: chunk c (W = D_v / C
 elements) belongs to core c (multi-core scoring). Lookup ℓ = t·m + j of token t reads row
 p_ℓ = rows[t, j] with the per-core scores s[ℓ, 0..C). Rows are addressed in int64, since
-T·(D_p + D_v) can exceed 2³¹; loads widen to fp32, where every kernel accumulates.
+T·(D_p + D_v) can exceed 2³¹; loads widen to fp32, where every kernel accumulates, so the table,
+the activations and the scores may each come in their own float dtype.
 
-The same ``[D_p | C×W]`` view serves a token's ``(x_p, do)`` pair in K4, whose output row has the
-table's layout.
+The kernels load a tile of lookups at a time, ``[J, C, W]`` values and ``[J, D_p]`` pre-values:
+J rows in flight per program is what keeps short rows (576 B in bf16) near copy bandwidth.
 """
 
 import triton
 import triton.language as tl
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/√2 (constexpr: jit code reads no plain globals)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
+TILE_ELEMENTS = 2048
+"""fp32 elements of one [J, C, W] tile: 16 registers a thread at 4 warps."""
 
 
 @triton.jit
@@ -35,24 +41,31 @@ def row_tile(
 
 
 @triton.jit
-def lookup_at(ROWS, S, ell, C, offs_c, mask_c):
-    """Lookup ℓ (int64): its row id p_ℓ (int64) and its C scores s[ℓ, :] (fp32)."""
-    row = tl.load(ROWS + ell).to(tl.int64)
-    s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    return row, s
+def gelu(h):
+    """Exact (erf) GELU, as F.gelu's default: h·Φ(h)."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
 
 
 @triton.jit
-def load_row(P_AT, V_AT, offs_p, mask_p, offs_cw, mask_cw):
-    """The D_p elements at P_AT (none when D_p = 0: all masked) and the [C, W] tile at V_AT, fp32."""
-    p = tl.load(P_AT + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    v = tl.load(V_AT + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
-    return p, v
+def gelu_grad(h):
+    """d GELU / dh = Φ(h) + h·φ(h)."""
+    return 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2)) + h * _INV_SQRT_2PI * tl.exp(-0.5 * h * h)
 
 
-def launch_dims(M: int, C: int, P: int, V: int) -> dict:
-    """The shared launch arguments of K2-K4: sizes, D_p > 0, power-of-two blocks, warps."""
+@triton.jit
+def segment_sum(a, id_a, b, id_b):
+    """Scan operator: running sums that restart where the (sorted) id changes."""
+    return tl.where(id_a == id_b, a + b, b), id_b
+
+
+def launch_dims(C: int, P: int, V: int, tile_elements: int = TILE_ELEMENTS) -> dict:
+    """The shared launch arguments of the lookup kernels: sizes, D_p > 0, power-of-two blocks,
+    lookups per tile (a [TILE, C, W] tile of about `tile_elements`) and warps (4 per 2048
+    elements of a tile)."""
     W = V // C
-    return dict(M=M, D_P=P, D_V=V, W=W, C=C, HAS_P=P > 0,
-                BLOCK_P=max(16, triton.next_power_of_2(max(P, 1))), BLOCK_C=triton.next_power_of_2(C),
-                BLOCK_W=max(16, triton.next_power_of_2(W)), num_warps=4 if P + V >= 512 else 2)
+    block_p = max(16, triton.next_power_of_2(max(P, 1)))
+    block_c, block_w = triton.next_power_of_2(C), max(16, triton.next_power_of_2(W))
+    per_lookup = block_c * block_w
+    tile = max(1, min(32, tile_elements // per_lookup))
+    return dict(D_P=P, D_V=V, W=W, C=C, HAS_P=P > 0, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_W=block_w,
+                TILE=tile, num_warps=min(8, max(4, 4 * tile * per_lookup // TILE_ELEMENTS)))

@@ -1,6 +1,6 @@
 """TDQKR: Tucker-decomposed query-key retrieval, the top-m selection of UltraMem v1 and V2.
 
-Math (per token; paper-notes §1.3 steps 4-6; UltraMemV2 eq. 7/11, v1 TDQKR):
+Math (per token; docs/fidelity.md §2.2 steps 4-6; UltraMemV2 eq. 7/11, v1 TDQKR):
 
     a = u^T S_row,  b = v^T S_col                  rank-1 prefilter scores over the n keys per side
     I = topk(a, k_rc),  J = topk(b, k_rc)            row and column candidates
@@ -56,7 +56,7 @@ def select_topm_reference(
 def rank1_vectors(
     cores_CRR: torch.Tensor, prev_u_R: torch.Tensor, prev_v_R: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading singular vectors (u, v) of Σ_c C_c for the prefilter (paper-notes §1.3 step 4).
+    """Leading singular vectors (u, v) of Σ_c C_c for the prefilter (docs/fidelity.md §2.2 step 4).
 
     An SVD fixes u and v only up to a common sign; like the official code ("must maintain
     smoothness") we pick the sign that moves (u, v) least in L1 from the previous step's vectors,
@@ -71,7 +71,7 @@ def rank1_vectors(
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton (code-anchors "Implications": K1 tdqkr_select). One program per token does steps 4-6 on
+# Triton (docs/kernels.md: K1 tdqkr_select). One program per token does steps 4-6 on
 # chip: it reads the token's 2·r·n scores once, keeps the k_rc candidates of each side, and writes
 # only the m selections; the k_rc² grid never leaves it. Ranking works on packed int64 keys,
 #
@@ -101,13 +101,17 @@ def rank1_vectors(
 # A row (or column) can be chosen several times, so the program sorts its selections by id and
 # sums each id's segment with a scan in a fixed order before one store per id: deterministic,
 # no atomics. ∂C is written per token and summed by torch (also in a fixed order). Bytes per
-# token: reads m·(2 ids + C) and gathers 2·r·m scores; writes 2·r·n (a memset, then ≤ 2·r·m
-# stores) and C·r².
+# token: reads m·(2 ids + C) and gathers 2·r·m scores; writes 2·r·n (zeros written by the
+# kernel itself, which saves two memset launches, then ≤ 2·r·m stores) and C·r².
 
+import functools  # noqa: E402
 import os  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from umv2cli.kernels import resolve_impl  # noqa: E402
+from umv2cli.kernels.rows import segment_sum  # noqa: E402
 
 _INT64_MIN = tl.constexpr(-(2**63))  # below every packed key: padding never ranks
 _LOW = tl.constexpr(2**32 - 1)  # the id half of a packed key holds _LOW - id
@@ -240,12 +244,6 @@ def _tdqkr_fwd_kernel(
 
 
 @triton.jit
-def _segment_sum(a, id_a, b, id_b):
-    """Scan operator: running sums that restart where the (sorted) id changes."""
-    return tl.where(id_a == id_b, a + b, b), id_b
-
-
-@triton.jit
 def _store_summed_by_id(OUT, ids_M, val_MR, mask_m, N, offs_r, mask_r, BLOCK_M: tl.constexpr):
     """OUT[r, id] = Σ_{j : ids_j = id} val[j, r] for one token's [r, n] gradient, every id written
     once: sort the selections by (id, j), sum each id's segment by a scan, store at its end."""
@@ -255,7 +253,7 @@ def _store_summed_by_id(OUT, ids_M, val_MR, mask_m, N, offs_r, mask_r, BLOCK_M: 
     id_sorted = order // BLOCK_M  # N for the padding past m
     val_sorted = tl.gather(val_MR, tl.broadcast_to(j_sorted[:, None], val_MR.shape), 0)
     id_MR = tl.broadcast_to(id_sorted[:, None], val_MR.shape)
-    sum_MR, _ = tl.associative_scan((val_sorted, id_MR), 0, _segment_sum)
+    sum_MR, _ = tl.associative_scan((val_sorted, id_MR), 0, segment_sum)
     next_id = tl.gather(id_sorted, tl.minimum(offs_m + 1, BLOCK_M - 1), 0)
     last = ((id_sorted != next_id) | (offs_m == BLOCK_M - 1)) & (id_sorted < N)
     tl.store(OUT + offs_r[None, :] * N + id_sorted[:, None], sum_MR.to(OUT.dtype.element_ty),
@@ -270,8 +268,8 @@ def _tdqkr_bwd_kernel(
     ROWS,  # pointer to the chosen rows, int64 [B, m]
     COLS,  # pointer to the chosen columns, int64 [B, m]
     DSCORES,  # pointer to ∂s [B, m, C], contiguous
-    DS_ROW,  # pointer to ∂S_row [B, r, n], contiguous and zeroed
-    DS_COL,  # pointer to ∂S_col [B, r, n], contiguous and zeroed
+    DS_ROW,  # pointer to ∂S_row [B, r, n], contiguous (every element written)
+    DS_COL,  # pointer to ∂S_col [B, r, n], contiguous (every element written)
     DCORES,  # pointer to each token's share of ∂C, fp32 [B, C, r, r]
     STRIDE_ROW,  # elements between two tokens' [r, n] blocks of S_ROW
     STRIDE_COL,  # the same for S_COL
@@ -281,10 +279,21 @@ def _tdqkr_bwd_kernel(
     M,  # selections m
     BLOCK_R: tl.constexpr,  # power of two ≥ r
     BLOCK_M: tl.constexpr,  # power of two ≥ m
+    BLOCK_Z: tl.constexpr,  # keys zeroed per store, a power of two
 ):
     b = tl.program_id(0).to(tl.int64)  # one token
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    # zero this token's ∂S_row and ∂S_col here (no memset launches); the chosen ids are
+    # overwritten below, after a barrier that orders the two stores of an element
+    offs_z = tl.arange(0, BLOCK_Z)
+    zeros_RZ = tl.zeros((BLOCK_R, BLOCK_Z), dtype=DS_ROW.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_Z):
+        at_RZ = b * R * N + offs_r[:, None] * N + n0 + offs_z[None, :]
+        mask_RZ = mask_r[:, None] & (n0 + offs_z[None, :] < N)
+        tl.store(DS_ROW + at_RZ, zeros_RZ, mask=mask_RZ)
+        tl.store(DS_COL + at_RZ, zeros_RZ, mask=mask_RZ)
+    tl.debug_barrier()
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     row_M = tl.load(ROWS + b * M + offs_m, mask=mask_m, other=0)
@@ -339,6 +348,7 @@ def _check_select_args(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm) ->
     return B, R, N, C
 
 
+@functools.cache
 def _blocks(R: int, N: int, k_rc: int, topm: int) -> dict:
     """Launch sizes of the forward: grid tiles of 16 × 16 cells (grown until one holds BLOCK_M
     cells; block_m ≤ block_k², so it can), 2 warps where k_rc > 32 and m ≤ 128, else 4: the
@@ -371,14 +381,15 @@ def tdqkr_bwd(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM, dscores_BMC):
     """K1 backward. Returns (∂S_row, ∂S_col in s_row's dtype, ∂C in the cores' dtype)."""
     s_row_BRN, s_col_BRN = _rank_major(s_row_BRN), _rank_major(s_col_BRN)
     (B, R, N), (C, M) = s_row_BRN.shape, (cores_CRR.shape[0], rows_BM.shape[1])
-    ds_row_BRN = torch.zeros(B, R, N, dtype=s_row_BRN.dtype, device=s_row_BRN.device)
-    ds_col_BRN = torch.zeros_like(ds_row_BRN)
+    ds_row_BRN = torch.empty(B, R, N, dtype=s_row_BRN.dtype, device=s_row_BRN.device)
+    ds_col_BRN = torch.empty_like(ds_row_BRN)
     dcores_BCRR = torch.empty(B, C, R, R, dtype=torch.float32, device=s_row_BRN.device)
     if B:
         _tdqkr_bwd_kernel[(B,)](
             s_row_BRN, s_col_BRN, cores_CRR.contiguous(), rows_BM, cols_BM, dscores_BMC.contiguous(),
             ds_row_BRN, ds_col_BRN, dcores_BCRR, s_row_BRN.stride(0), s_col_BRN.stride(0), R, N, C, M,
-            BLOCK_R=triton.next_power_of_2(R), BLOCK_M=triton.next_power_of_2(M))
+            BLOCK_R=triton.next_power_of_2(R), BLOCK_M=triton.next_power_of_2(M),
+            BLOCK_Z=min(triton.next_power_of_2(N), max(16, 1024 // triton.next_power_of_2(R))))
     return ds_row_BRN, ds_col_BRN, dcores_BCRR.sum(0).to(cores_CRR.dtype)
 
 
@@ -400,12 +411,57 @@ class TDQKRSelect(torch.autograd.Function):
                 dcores_CRR if need_cores else None, None, None, None, None)
 
 
+@torch.library.custom_op("umv2::tdqkr_select", mutates_args=())
+def tdqkr_select_op(s_row_BRN: torch.Tensor, s_col_BRN: torch.Tensor, cores_CRR: torch.Tensor, u_R: torch.Tensor,
+                    v_R: torch.Tensor, k_rc: int, topm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K1 as a custom op, for torch.compile: `tdqkr_fwd`'s results, the scores first
+    (scores_BMC, rows_BM, cols_BM)."""
+    rows_BM, cols_BM, scores_BMC = tdqkr_fwd(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
+    return scores_BMC, rows_BM, cols_BM
+
+
+@tdqkr_select_op.register_fake
+def _(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm):
+    B, C = s_row_BRN.shape[0], cores_CRR.shape[0]
+    rows_BM = s_row_BRN.new_empty(B, topm, dtype=torch.int64)
+    return s_row_BRN.new_empty(B, topm, C), rows_BM, torch.empty_like(rows_BM)
+
+
+@torch.library.custom_op("umv2::tdqkr_select_backward", mutates_args=())
+def tdqkr_select_backward_op(s_row_BRN: torch.Tensor, s_col_BRN: torch.Tensor, cores_CRR: torch.Tensor,
+                             rows_BM: torch.Tensor, cols_BM: torch.Tensor,
+                             dscores_BMC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K1's backward as a custom op: `tdqkr_bwd`."""
+    return tdqkr_bwd(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM, dscores_BMC)
+
+
+@tdqkr_select_backward_op.register_fake
+def _(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM, dscores_BMC):
+    ds_row_BRN = s_row_BRN.new_empty(s_row_BRN.shape)
+    return ds_row_BRN, torch.empty_like(ds_row_BRN), torch.empty_like(cores_CRR)
+
+
+def _setup_select(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output[1:])
+
+
+def _backward_select(ctx, dscores_BMC, _drows, _dcols):
+    ds_row_BRN, ds_col_BRN, dcores_CRR = tdqkr_select_backward_op(*ctx.saved_tensors, dscores_BMC)
+    return ds_row_BRN, ds_col_BRN, dcores_CRR, None, None, None, None
+
+
+tdqkr_select_op.register_autograd(_backward_select, setup_context=_setup_select)
+
+
 def select_topm(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc: int, topm: int, impl: str = "auto"):
     """TDQKR steps 4-6 with `select_topm_reference`'s arguments and results, differentiable in the
     scores and the cores; impl: "auto" (Triton iff the scores are on CUDA), "triton" or "torch".
-    The Triton path ranks in fp32 and breaks ties toward the lower id (see above)."""
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"select_topm: impl={impl!r}; use 'auto', 'triton' or 'torch'")
-    if impl == "torch" or (impl == "auto" and not s_row_BRN.is_cuda):
+    The Triton path ranks in fp32 and breaks ties toward the lower id (see above). Eagerly it is
+    an autograd.Function (the cheapest call to launch); under torch.compile the custom op
+    umv2::tdqkr_select, so the compiled graph holds the kernels without a break."""
+    if resolve_impl(impl, s_row_BRN, "select_topm") == "torch":
         return select_topm_reference(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
+    if torch.compiler.is_compiling():
+        scores_BMC, rows_BM, cols_BM = tdqkr_select_op(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
+        return rows_BM, cols_BM, scores_BMC
     return TDQKRSelect.apply(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)

@@ -1,39 +1,38 @@
-"""The table gradient of the value lookup (K4, `mem_bwd_rows`): row-major and deterministic.
+"""The row-major half of the value lookup's backward (K34, `mem_bwd_rows`): the table gradient,
+and on the way the score and neuron gradients, reading each touched table row once.
 
-Math (the table half of the VJP of `memory_lookup_reference`, kernels/lookup.py). Lookup
-ℓ = (t, j) of token t reads row p_ℓ = rows[t, j]; with z_ℓ the post-activation neuron (1 when
-D_p = 0) and dz_ℓ its gradient (from K3, `mem_bwd_tokens`):
+Math (the VJP of `memory_lookup_reference`, kernels/lookup.py). Lookup ℓ = (t, j) of token t
+reads row p_ℓ; h_ℓ = <P[p_ℓ], x_p[t]> is its neuron's pre-activation (saved by the forward) and
+z_ℓ = act(h_ℓ) (z = 1 when D_p = 0):
 
-    dV[p, chunk c] = Σ_{ℓ : p_ℓ = p} s_{ℓ,c} · z_ℓ · do[t_ℓ, chunk c]
-    dP[p]          = Σ_{ℓ : p_ℓ = p} dz_ℓ · x_p[t_ℓ]
+    dw_{ℓ,c}   = <V[p_ℓ, chunk c], do[t, chunk c]>
+    ds_{ℓ,c}   = z_ℓ · dw_{ℓ,c}                               score gradient
+    dz_ℓ       = act'(h_ℓ) · Σ_c s_{ℓ,c} dw_{ℓ,c}             ∂L/∂h_ℓ, for x_p's gradient (lookup.py)
+    dV[p, c]   = Σ_{ℓ : p_ℓ = p} s_{ℓ,c} z_ℓ · do[t_ℓ, chunk c]
+    dP[p]      = Σ_{ℓ : p_ℓ = p} dz_ℓ · x_p[t_ℓ]
 
-written into one dense ``[T, D_p + D_v]`` gradient laid out like the table (``[dP | dV]``).
+ds and dz need V[p_ℓ], which is the row the table gradient is summed for: so one pass over the
+lookups in row order (row_sort.py, stable: ascending ℓ within a row) computes all of them, and
+the rows are gathered once for the whole backward (K3 and K4 used to gather them twice).
 
-Deterministic path (`value_grad(..., deterministic=True)`):
-  1. sort the B·m lookups by row with torch ops, not a Triton counting sort: a *stable*
-     ``torch.sort`` of the flat row ids gives the order (ties keep token order, so every row
-     sums its occurrences in the same order on every call), and ``torch.searchsorted`` gives
-     each sorted position the end of its row's segment. No host sync, no [T]-sized scratch.
-  2. one program per sorted position; the program that sits at the start of a segment owns
-     that row, loops over its occurrences accumulating dV and dP in fp32 registers, and writes
-     the row once. The others exit at once.
-  3. rows nobody touched stay zero: one memset of the dense gradient.
-Bytes: sort of B·m ids; per occurrence reads D_v (do) + D_p (x_p) + C + 3 scalars; writes each
-touched row once (D_p + D_v); plus the T·(D_p + D_v) memset, which dominates at small B·m.
+Each program takes TILE consecutive positions of the sorted order, which may hold several rows:
+it gathers their V rows, s, h, do and x_p, stores ds and dz per lookup, and sums each row's
+contributions with a segmented scan in sorted order. A row that starts and ends in the tile is
+written there. The tile's last row, if it runs on into the next tile and starts in this one,
+is finished by this program, which walks the following tiles of that row; a row that started
+earlier belongs to the program where it started. So every row is summed by one program in
+ascending ℓ, with no atomics: the gradient is the same bit for bit on every call.
 
-Atomics fallback (`deterministic=False`): one program per token adds its m contributions with
-fp32 ``tl.atomic_add`` into an fp32 buffer (cast to `out_dtype` after). Same bytes but no sort,
-and read-modify-write traffic on the gradient; the sum order, and so the low bits, vary.
-
-Left for later: hot-row splitting and strided row sets for load balance, a compact
-(touched rows, grad) output for a row-wise sparse optimizer, K3+K4 fused in the atomic path.
+Bytes: reads U·D_v table elements (U touched rows), and per lookup D_v (do) + D_p (x_p) + C + 3
+scalars, mostly from L2 (the B tokens' activations are small); writes U·(D_p + D_v) gradient
+elements and L·(C + 1) scalars. Rows nobody touched are left as they are (zero, from the caller).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from umv2cli.kernels.rows import launch_dims, load_row, lookup_at, row_tile
+from umv2cli.kernels.rows import TILE_ELEMENTS, gelu, gelu_grad, launch_dims, row_tile, segment_sum
 
 
 def value_grad_reference(
@@ -41,7 +40,7 @@ def value_grad_reference(
     rows_BM: torch.Tensor,  # rows read                              [B, m]
     scores_BMC: torch.Tensor,  # per-core scores                     [B, m, C]
     z_BM: torch.Tensor | None,  # post-activation neurons (None: D_p = 0)  [B, m]
-    dz_BM: torch.Tensor | None,  # their gradients (None: D_p = 0)       [B, m]
+    dz_BM: torch.Tensor | None,  # their gradients ∂L/∂h (None: D_p = 0)  [B, m]
     do_BV: torch.Tensor,  # output gradient                          [B, D_v]
     num_rows: int,  # T
 ) -> torch.Tensor:
@@ -59,130 +58,149 @@ def value_grad_reference(
 
 
 @triton.jit
-def _value_grad_rows_kernel(
-    X_P,  # pointer to x_p [B, D_p]
-    S,  # pointer to the scores s [B, m, C]
-    Z,  # pointer to z (post-activation, fp32) [B, m]; unused when not HAS_P
-    DZ,  # pointer to dz (fp32) [B, m]; unused when not HAS_P
-    DO,  # pointer to the output gradient do [B, D_v]
-    SORTED_ROWS,  # pointer to the flat row ids sorted (stable) [B·m]
-    ORDER,  # pointer to the lookup ids ℓ = t·m + j in sorted order [B·m]
-    SEG_END,  # pointer to the end (exclusive) of each sorted position's row segment [B·m]
-    GRAD,  # pointer to the dense table gradient [T, D_p + D_v], zeroed
-    M,  # m, lookups per token
-    D_P,  # pre-value dim
-    D_V,  # value dim
-    W,  # chunk width D_v / C
-    C,  # cores
-    HAS_P: tl.constexpr,  # D_p > 0
-    BLOCK_P: tl.constexpr,  # power of two ≥ D_p
-    BLOCK_C: tl.constexpr,  # power of two ≥ C
-    BLOCK_W: tl.constexpr,  # power of two ≥ W
+def _tile_grads(
+    v,  # the V rows of the tile's lookups, fp32 [TILE or 1, BLOCK_C, BLOCK_W]
+    ell,  # lookup ids ℓ, int64 [TILE]
+    valid,  # which of them to compute [TILE]
+    S, H, X_P, DO,  # pointers as in the kernel below
+    M, D_P, D_V, C,
+    offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
+    HAS_P: tl.constexpr, GELU: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    k = tl.program_id(0).to(tl.int64)  # a position in the sorted order
-    row = tl.load(SORTED_ROWS + k).to(tl.int64)
-    prev = tl.load(SORTED_ROWS + k - 1, mask=k > 0, other=-1).to(tl.int64)
-    if row != prev:  # this program owns the row: k is its segment's first occurrence
-        end = tl.load(SEG_END + k)
-        offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
-        acc_v = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)  # dV[row]
-        acc_p = tl.zeros((BLOCK_P,), dtype=tl.float32)  # dP[row]
-        for q in range(k, end):  # occurrences in token order: a fixed sum order
-            ell = tl.load(ORDER + q).to(tl.int64)
-            t = ell // M
-            s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            x, do = load_row(X_P + t * D_P, DO + t * D_V, offs_p, mask_p, offs_cw, mask_cw)
-            if HAS_P:
-                s = s * tl.load(Z + ell)
-                acc_p += tl.load(DZ + ell) * x
-            acc_v += s[:, None] * do
-        base = GRAD + row * (D_P + D_V)
-        tl.store(base + offs_p, acc_p.to(GRAD.dtype.element_ty), mask=mask_p)
-        tl.store(base + D_P + offs_cw, acc_v.to(GRAD.dtype.element_ty), mask=mask_cw)
+    """Per lookup of a tile: the contributions to dV [TILE, BLOCK_C, BLOCK_W] and to dP
+    [TILE, BLOCK_P], ds [TILE, BLOCK_C] and dz [TILE] (zeros where not valid)."""
+    t = ell // M
+    s = tl.load(S + ell[:, None] * C + offs_c[None, :], mask=valid[:, None] & mask_c[None, :],
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + t[:, None, None] * D_V + offs_cw[None, :, :],
+                 mask=valid[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
+    dw = tl.sum(v * do, axis=2)  # dw_{ℓ,c} = <V[p_ℓ, chunk c], do[t, chunk c]>
+    if HAS_P:
+        h = tl.load(H + ell, mask=valid, other=0.0)
+        if GELU:
+            z = gelu(h)
+            dz = gelu_grad(h) * tl.sum(s * dw, axis=1)
+        else:
+            z = h
+            dz = tl.sum(s * dw, axis=1)
+        x = tl.load(X_P + t[:, None] * D_P + offs_p[None, :], mask=valid[:, None] & mask_p[None, :],
+                    other=0.0).to(tl.float32)
+        dp = dz[:, None] * x  # dz_ℓ x_p[t]
+        ds = z[:, None] * dw
+        s = s * z[:, None]
+    else:
+        dz = tl.sum(dw, axis=1) * 0.0
+        dp = tl.zeros((TILE, BLOCK_P), dtype=tl.float32)
+        ds = dw
+    return s[:, :, None] * do, dp, ds, dz  # s_{ℓ,c} z_ℓ do[t, chunk c]
 
 
 @triton.jit
-def _value_grad_atomic_kernel(
+def _mem_bwd_rows_kernel(
+    TABLE,  # pointer to the table as the forward read it [T, D_p + D_v]
+    SORTED,  # pointer to the row ids in sorted order, int32 [L]
+    ORDER,  # pointer to the lookup ids ℓ = t·m + j in that order, int32 [L]
+    S,  # pointer to the scores s [B·m, C]
+    H,  # pointer to the pre-activations h (fp32) [B·m]; unused when not HAS_P
     X_P,  # pointer to x_p [B, D_p]
-    ROWS,  # pointer to the row ids [B, m] (int32 or int64)
-    S,  # pointer to the scores s [B, m, C]
-    Z,  # pointer to z (post-activation, fp32) [B, m]; unused when not HAS_P
-    DZ,  # pointer to dz (fp32) [B, m]; unused when not HAS_P
     DO,  # pointer to the output gradient do [B, D_v]
-    GRAD,  # pointer to the fp32 dense table gradient [T, D_p + D_v], zeroed
+    GRAD,  # pointer to the table gradient [T, D_p + D_v]: touched rows are written
+    DS,  # pointer to ds [B·m, C]
+    DZ,  # pointer to dz = ∂L/∂h (fp32) [B·m]; unused when not HAS_P
+    L,  # lookups B·m
     M,  # m, lookups per token
     D_P,  # pre-value dim
     D_V,  # value dim
     W,  # chunk width D_v / C
     C,  # cores
     HAS_P: tl.constexpr,  # D_p > 0
+    GELU: tl.constexpr,  # act = exact GELU (else identity)
+    TILE: tl.constexpr,  # sorted positions per program, a power of two
     BLOCK_P: tl.constexpr,  # power of two ≥ D_p
     BLOCK_C: tl.constexpr,  # power of two ≥ C
     BLOCK_W: tl.constexpr,  # power of two ≥ W
 ):
-    t = tl.program_id(0).to(tl.int64)  # one token
+    k = tl.program_id(0).to(tl.int64)
+    D = D_P + D_V
     offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
-    x, do = load_row(X_P + t * D_P, DO + t * D_V, offs_p, mask_p, offs_cw, mask_cw)
-    for j in range(0, M):
-        ell = t * M + j
-        row, s = lookup_at(ROWS, S, ell, C, offs_c, mask_c)
-        base = GRAD + row * (D_P + D_V)
+    offs_o = tl.arange(0, TILE)
+    pos = k * TILE + offs_o
+    valid = pos < L
+    row = tl.load(SORTED + pos, mask=valid, other=-1).to(tl.int64)
+    row_before = tl.load(SORTED + k * TILE - 1, mask=k > 0, other=-1).to(tl.int64)
+    pos_after = k * TILE + TILE
+    row_after = tl.load(SORTED + pos_after, mask=pos_after < L, other=-1).to(tl.int64)
+    ell = tl.load(ORDER + pos, mask=valid, other=0).to(tl.int64)
+    v = tl.load(TABLE + row[:, None, None] * D + D_P + offs_cw[None, :, :],  # read U·D_v
+                mask=valid[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
+    dv, dp, ds, dz = _tile_grads(v, ell, valid, S, H, X_P, DO, M, D_P, D_V, C,
+                                 offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
+                                 HAS_P, GELU, TILE, BLOCK_P)
+    tl.store(DS + ell[:, None] * C + offs_c[None, :], ds.to(DS.dtype.element_ty),
+             mask=valid[:, None] & mask_c[None, :])
+    # each row's sum over this tile: a segmented scan in sorted order (ascending ℓ)
+    next_row = tl.where(offs_o == TILE - 1, row_after, tl.gather(row, tl.minimum(offs_o + 1, TILE - 1), 0))
+    owned_end = valid & (row != next_row) & (row != row_before)  # rows that start and end here
+    dv_sum = tl.reshape(tl.associative_scan(
+        (tl.reshape(dv, (TILE, BLOCK_C * BLOCK_W)),
+         tl.broadcast_to(row[:, None], (TILE, BLOCK_C * BLOCK_W))), 0, segment_sum)[0],
+        (TILE, BLOCK_C, BLOCK_W))
+    tl.store(GRAD + row[:, None, None] * D + D_P + offs_cw[None, :, :], dv_sum.to(GRAD.dtype.element_ty),
+             mask=owned_end[:, None, None] & mask_cw[None, :, :])
+    if HAS_P:
+        tl.store(DZ + ell, dz, mask=valid)
+        dp_sum = tl.associative_scan((dp, tl.broadcast_to(row[:, None], (TILE, BLOCK_P))), 0, segment_sum)[0]
+        tl.store(GRAD + row[:, None] * D + offs_p[None, :], dp_sum.to(GRAD.dtype.element_ty),
+                 mask=owned_end[:, None] & mask_p[None, :])
+    else:
+        dp_sum = dp
+    # the tile's last row runs on into the next tile and starts in this one: finish it here
+    last = offs_o == TILE - 1
+    last_row = tl.sum(tl.where(last, row, 0), axis=0)
+    if (last_row >= 0) & (last_row == row_after) & (last_row != row_before):
+        acc_v = tl.sum(tl.where(last[:, None, None], dv_sum, 0.0), axis=0)
+        acc_p = tl.sum(tl.where(last[:, None], dp_sum, 0.0), axis=0)
+        v_row = tl.load(TABLE + last_row * D + D_P + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
+        q = pos_after
+        full = q * 0 + TILE  # positions of the row in the last tile walked
+        while full == TILE:
+            pos_q = q + offs_o
+            in_row = tl.load(SORTED + pos_q, mask=pos_q < L, other=-1).to(tl.int64) == last_row
+            ell_q = tl.load(ORDER + pos_q, mask=in_row, other=0).to(tl.int64)
+            dv_q, dp_q, _, _ = _tile_grads(v_row[None, :, :], ell_q, in_row, S, H, X_P, DO, M, D_P, D_V, C,
+                                           offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
+                                           HAS_P, GELU, TILE, BLOCK_P)
+            acc_v += tl.sum(dv_q, axis=0)
+            acc_p += tl.sum(dp_q, axis=0)
+            q += TILE
+            full = tl.sum(in_row.to(tl.int64), axis=0)
+        base = GRAD + last_row * D
+        tl.store(base + D_P + offs_cw, acc_v.to(GRAD.dtype.element_ty), mask=mask_cw)
         if HAS_P:
-            s = s * tl.load(Z + ell)
-            tl.atomic_add(base + offs_p, tl.load(DZ + ell) * x, mask=mask_p)
-        tl.atomic_add(base + D_P + offs_cw, s[:, None] * do, mask=mask_cw)
+            tl.store(base + offs_p, acc_p.to(GRAD.dtype.element_ty), mask=mask_p)
 
 
-def sort_lookups_by_row(rows_BM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stable sort of the B·m lookups by row: (sorted row ids, lookup ids ℓ = t·m + j in that
-    order, end of each position's row segment), all [B·m]. Torch ops; deterministic."""
-    sorted_L, order_L = torch.sort(rows_BM.reshape(-1), stable=True)
-    seg_end_L = torch.searchsorted(sorted_L, sorted_L, right=True)
-    return sorted_L.contiguous(), order_L.contiguous(), seg_end_L.contiguous()
-
-
-def value_grad(
-    x_p_BP: torch.Tensor,  # pre-value input                         [B, D_p]
-    rows_BM: torch.Tensor,  # rows read (int32 or int64)             [B, m]
+def mem_bwd_rows(
+    table_TD: torch.Tensor,  # the table as the forward read it     [T, D_p + D_v]
+    sorted_L: torch.Tensor,  # row ids in sorted order, int32        [B·m]  (row_sort.sort_by_row)
+    order_L: torch.Tensor,  # lookup ids in that order, int32        [B·m]
     scores_BMC: torch.Tensor,  # per-core scores                     [B, m, C]
-    z_BM: torch.Tensor | None,  # post-activation neurons, fp32 (None: D_p = 0)  [B, m]
-    dz_BM: torch.Tensor | None,  # their gradients, fp32 (None: D_p = 0)       [B, m]
+    h_BM: torch.Tensor,  # fp32 pre-activations ([B, 0] if D_p = 0)  [B, m]
+    x_p_BP: torch.Tensor,  # pre-value input                         [B, D_p]
     do_BV: torch.Tensor,  # output gradient                          [B, D_v]
-    num_rows: int,  # T
-    *,
-    deterministic: bool = True,  # row-major sorted kernel; False: token-major fp32 atomics
-    out_dtype: torch.dtype = torch.float32,  # dtype of the returned gradient
-) -> torch.Tensor:
-    """Dense table gradient [T, D_p + D_v] (see the module docstring), by Triton kernels."""
+    grad_TD: torch.Tensor,  # table gradient; touched rows are written, the others left as they are
+    act: str = "none",  # "none" or "gelu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K34. Writes the touched rows of grad_TD; returns (ds_BMC in the scores' dtype,
+    dz_BM = ∂L/∂h fp32; [B, 0] if D_p = 0). All tensors contiguous, on one device."""
     B, M, C = scores_BMC.shape
-    P, V = x_p_BP.shape[-1], do_BV.shape[-1]
-    if rows_BM.shape != (B, M) or x_p_BP.shape[0] != B or do_BV.shape[0] != B:
-        raise ValueError(f"value_grad: shapes disagree: x_p {tuple(x_p_BP.shape)}, rows "
-                         f"{tuple(rows_BM.shape)}, scores {tuple(scores_BMC.shape)}, do {tuple(do_BV.shape)}")
-    if V % C:
-        raise ValueError(f"value_grad: D_v={V} is not divisible by C={C} cores")
-    if rows_BM.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"value_grad: rows must be int32 or int64, got {rows_BM.dtype}")
-    if P and (z_BM is None or dz_BM is None or z_BM.dtype != torch.float32 or dz_BM.dtype != torch.float32):
-        raise ValueError("value_grad: D_p > 0 needs z_BM and dz_BM as fp32 [B, m] tensors")
-    tensors = (x_p_BP, rows_BM, scores_BMC, do_BV) + ((z_BM, dz_BM) if P else ())
-    for name, t in zip(("x_p", "rows", "scores", "do", "z", "dz"), tensors):
-        if not t.is_contiguous():
-            raise ValueError(f"value_grad: {name} must be contiguous; call .contiguous() first")
-    dummy = scores_BMC  # never read when D_p = 0
-    z, dz = (z_BM, dz_BM) if P else (dummy, dummy)
-    dims = launch_dims(M, C, P, V)
-    if deterministic:
-        grad_TD = torch.zeros(num_rows, P + V, dtype=out_dtype, device=do_BV.device)
-        if B * M == 0:
-            return grad_TD
-        sorted_L, order_L, seg_end_L = sort_lookups_by_row(rows_BM)
-        _value_grad_rows_kernel[(B * M,)](
-            x_p_BP, scores_BMC, z, dz, do_BV, sorted_L, order_L, seg_end_L, grad_TD,
-            **dims)
-        return grad_TD
-    grad_TD = torch.zeros(num_rows, P + V, dtype=torch.float32, device=do_BV.device)
-    if B * M:
-        _value_grad_atomic_kernel[(B,)](
-            x_p_BP, rows_BM, scores_BMC, z, dz, do_BV, grad_TD, **dims)
-    return grad_TD if out_dtype == torch.float32 else grad_TD.to(out_dtype)
+    P, V = x_p_BP.shape[1], do_BV.shape[1]
+    ds_BMC = torch.empty_like(scores_BMC)
+    dz_BM = torch.empty(B, M if P else 0, dtype=torch.float32, device=do_BV.device)
+    L = B * M
+    if L:
+        dims = launch_dims(C, P, V, tile_elements=2 * TILE_ELEMENTS)  # longer tiles: fewer rows cut by one
+        _mem_bwd_rows_kernel[(triton.cdiv(L, dims["TILE"]),)](
+            table_TD, sorted_L, order_L, scores_BMC, h_BM if P else ds_BMC, x_p_BP, do_BV, grad_TD,
+            ds_BMC, dz_BM if P else ds_BMC, L, M, **dims, GELU=act == "gelu")
+    return ds_BMC, dz_BM

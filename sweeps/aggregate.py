@@ -1,7 +1,8 @@
 """Aggregate: a sweep directory → `<sweep>/results.parquet`, one row per run (reads the runs' files).
 
 Every run of plan.parquet gets a row, whatever its state. A `done` run carries its loss; a `failed`,
-`running` or `pending` run is listed with a null loss and the reason, never dropped. The columns:
+`running` or `pending` run is listed with a null loss and the reason, never dropped. A done run whose
+eval.json is damaged or missing is failed, "damaged eval.json (…)". The columns:
 
 - the plan's accounting: run_id, seed, kind, grid.<axis>, sparse_params (P), topm (m),
   values_per_layer, density (m/N), activated_params, total_params, flops_per_token (forward),
@@ -12,7 +13,11 @@ Every run of plan.parquet gets a row, whatever its state. A `done` run carries i
 - loss, the common point that `umv2 fit` fits: the final eval loss, measured after the cooldown;
 - eval_loss (the same, final), train_loss (mean over the last `TRAIN_TAIL` logged steps: one
   batch is noisy), and from eval.json the memory-task accuracies task_* and the UltraMemV2 layer
-  health memory_*.
+  health memory_*;
+- loss_pre_cooldown and tokens_pre_cooldown: the last eval at or before the step where a WSD run's
+  cooldown starts (`cooldown_start`), which `umv2 fit` refits to check that its verdict does not
+  hang on the anneal; null for a run without a cooldown (a cosine schedule, cooldown = 0), without
+  an eval before it, or not done.
 
 With `at_flops` (training-FLOP budgets F), each run gets one row per budget instead: `at_flops` = F,
 `tokens` = the tokens seen at F (F / (3·flops_per_token); the run's own total moves to
@@ -29,13 +34,13 @@ only those. The table work (join with the plan, states, interpolation) is one la
 import io
 import json
 import math
-import mmap
 from collections.abc import Sequence
 from pathlib import Path
 
 from umv2cli.errors import UserError
-from umv2cli.files import write_atomic
-from umv2cli.sweeps.ledger import STATES, RunState, run_states, tail_metrics
+from umv2cli.files import Damaged, write_atomic
+from umv2cli.rundir import damage_reason, eval_lines, metrics_line, read_eval, tail_metrics
+from umv2cli.sweeps.ledger import STATES, RunState, read_plan, run_states
 from umv2cli.sweeps.recipe import load_recipe
 
 TRAIN_TAIL = 10
@@ -51,33 +56,35 @@ def _facts_schema() -> dict:
             "train_loss": pl.Float64, "eval_loss": pl.Float64}
 
 
-def aggregate(sweep: Path, at_flops: Sequence[float] = ()) -> "pl.DataFrame":
-    """Build and write `<sweep>/results.parquet` (atomically); returns the table."""
+def aggregate(sweep: Path, at_flops: Sequence[float] = (), write: bool = True) -> "pl.DataFrame":
+    """Build the table and (with ``write``) write it to `<sweep>/results.parquet` (atomically); returns it."""
     import polars as pl
 
     sweep = Path(sweep)
-    if not (sweep / "plan.parquet").exists():
-        raise UserError(f"{sweep}: no plan.parquet; give a sweep directory made by `umv2 sweep run`")
     bad = [f for f in at_flops if not (math.isfinite(f) and f > 0)]
     if bad:
         raise UserError(f"--at-flops {bad[0]:g}: a budget must be a positive number of training FLOPs, e.g. 1e15")
-    plan = pl.scan_parquet(sweep / "plan.parquet")
+    plan = read_plan(sweep).lazy()
     run_ids = plan.select("run_id").collect()["run_id"].to_list()
     steps = dict(plan.select("run_id", "steps").collect().iter_rows())
     facts = pl.from_dicts([run_facts(sweep / "runs" / s.run_id, s) for s in run_states(sweep, steps)],
                           infer_schema_length=None, schema_overrides=_facts_schema())
+    starts = cooldown_starts(sweep, facts.filter(pl.col("status") == "done")["run_id"].to_list())
+    curves = eval_curves(sweep, run_ids if at_flops else list(starts)).lazy()
     table = (plan.join(facts.lazy(), on="run_id", how="left", maintain_order="left")
+             .join(pre_cooldown(curves, starts), on="run_id", how="left", maintain_order="left")
              .with_columns(pl.lit(load_recipe(sweep / "recipe.toml").match).alias("match"),
                            train_flops(pl.col("tokens")).alias("train_flops"))
              .with_columns(reason=_reason()))
     if at_flops:
-        table = at_budgets(table, eval_curves(sweep, run_ids).lazy(), at_flops)
+        table = at_budgets(table, curves, at_flops)
     else:
         table = table.with_columns(loss=pl.when(pl.col("status") == "done").then(pl.col("eval_loss")))
     results = table.select(_column_order(table.collect_schema().names())).collect()
-    buffer = io.BytesIO()
-    results.write_parquet(buffer)
-    write_atomic(sweep / "results.parquet", buffer.getvalue())
+    if write:
+        buffer = io.BytesIO()
+        results.write_parquet(buffer)
+        write_atomic(sweep / "results.parquet", buffer.getvalue())
     return results
 
 
@@ -90,39 +97,71 @@ def run_facts(run: Path, state: RunState) -> dict:
     losses = [m["train_loss"] for m in tail if "train_loss" in m]
     facts = {"run_id": state.run_id, "status": state.state, "failure": state.reason or None, "step": state.step,
              "train_loss": sum(losses) / len(losses) if losses else None, "eval_loss": None}
-    if state.state == "done" and (run / "eval.json").exists():
-        final = json.loads((run / "eval.json").read_text())
-        facts |= {k: float(v) for k, v in final.items()
-                  if k == "eval_loss" or k.startswith(("task_", "memory_"))}
-    return facts
+    if state.state != "done":
+        return facts
+    try:
+        final = read_eval(run)
+    except Damaged as e:
+        return facts | {"status": "failed", "failure": damage_reason(run, e)}
+    return facts | {k: float(v) for k, v in final.items() if k == "eval_loss" or k.startswith(("task_", "memory_"))}
+
+
+def cooldown_start(train: dict) -> int | None:
+    """The step after which a WSD run's learning rate decays (`umv2cli.train.lr_multiplier`'s rule: the
+    last ⌈cooldown·steps⌉ steps), from its spec's train table; None for a schedule without a cooldown."""
+    if train.get("schedule") != "wsd" or not train.get("cooldown"):
+        return None
+    return train["steps"] - math.ceil(train["cooldown"] * train["steps"])
+
+
+def cooldown_starts(sweep: Path, run_ids: list[str]) -> dict[str, int]:
+    """{run_id: `cooldown_start`} of the runs whose spec.json gives one (a run without a readable spec
+    has no pre-cooldown loss)."""
+    starts = {}
+    for run_id in run_ids:
+        try:
+            start = cooldown_start(json.loads((sweep / "runs" / run_id / "spec.json").read_text())["train"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if start is not None:
+            starts[run_id] = start
+    return starts
 
 
 def eval_curves(sweep: Path, run_ids: list[str]) -> "pl.DataFrame":
-    """Every eval line of every run: run_id, tokens, eval_loss. Found by searching the bytes for
-    the eval key, so only those lines are parsed."""
+    """Every eval line of every run (`rundir.eval_lines`: only those lines are read): run_id, step, tokens,
+    eval_loss. They are parsed at once by Polars; if one of them is damaged, each is parsed alone and only the
+    valid ones, with whole tokens and a numeric eval loss, are kept."""
     import polars as pl
 
-    key, ids, lines = b'"eval_loss"', [], []
+    ids, lines = [], []
     for run_id in run_ids:
-        path = sweep / "runs" / run_id / "metrics.jsonl"
-        if not path.exists() or path.stat().st_size == 0:
-            continue
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            hit = m.find(key)
-            while hit != -1:
-                start, end = m.rfind(b"\n", 0, hit) + 1, m.find(b"\n", hit)
-                if end != -1:  # a last line without its newline may be cut short
-                    ids.append(run_id)
-                    lines.append(m[start:end])
-                hit = m.find(key, hit + 1 if end == -1 else end)
-    schema = {"tokens": pl.Int64, "eval_loss": pl.Float64}
-    if not lines:
-        return pl.DataFrame(schema={"run_id": pl.String, **schema})
-    curves = pl.read_ndjson(io.BytesIO(b"\n".join(lines)), schema=schema)
-    return curves.with_columns(run_id=pl.Series(ids, dtype=pl.String)).select("run_id", *schema)
+        found = eval_lines(sweep / "runs" / run_id)
+        ids += [run_id] * len(found)
+        lines += found
+    schema = {"run_id": pl.String, "step": pl.Int64, "tokens": pl.Int64, "eval_loss": pl.Float64}
+    try:
+        curves = pl.read_ndjson(io.BytesIO(b"\n".join(lines)), schema={k: schema[k] for k in list(schema)[1:]})
+        return curves.with_columns(run_id=pl.Series(ids, dtype=pl.String)).select(*schema)
+    except pl.exceptions.PolarsError:
+        rows = [(run_id, line["step"], line["tokens"], line["eval_loss"])
+                for run_id, line in zip(ids, map(metrics_line, lines))
+                if line and type(line.get("tokens")) is int and type(line.get("eval_loss")) in (int, float)]
+        return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 # ------------------------------------------------------------------------------------------- table work
+
+def pre_cooldown(curves: "pl.LazyFrame", starts: dict[str, int]) -> "pl.LazyFrame":
+    """run_id, loss_pre_cooldown, tokens_pre_cooldown: each run's last eval at or before its cooldown start."""
+    import polars as pl
+
+    start = pl.LazyFrame({"run_id": list(starts), "start": list(starts.values())},
+                         schema={"run_id": pl.String, "start": pl.Int64})
+    return (curves.join(start, on="run_id").filter(pl.col("step") <= pl.col("start")).sort("step")
+            .group_by("run_id").agg(pl.col("eval_loss").last().alias("loss_pre_cooldown"),
+                                    pl.col("tokens").last().alias("tokens_pre_cooldown")))
+
 
 def at_budgets(table: "pl.LazyFrame", curves: "pl.LazyFrame", at_flops: Sequence[float]) -> "pl.LazyFrame":
     """One row per (run, budget F): the eval loss at F, linear in log training FLOPs between the
@@ -171,7 +210,7 @@ def _column_order(names: list[str]) -> list[str]:
     first = ["run_id", "status", "reason", "seed", "kind", "match", *[n for n in names if n.startswith("grid.")],
              "sparse_params", "topm", "values_per_layer", "density", "activated_params", "total_params",
              "flops_per_token", "tokens", "run_tokens", "train_flops", "at_flops", "steps", "step",
-             "loss", "eval_loss", "train_loss"]
+             "loss", "eval_loss", "train_loss", "loss_pre_cooldown", "tokens_pre_cooldown"]
     first = [n for n in first if n in names]
     rest = [n for n in names if n not in first and n != "failure" and not n.startswith(("task_", "memory_"))]
     return first + rest + sorted(n for n in names if n.startswith(("task_", "memory_")))

@@ -3,13 +3,18 @@
 Reads the recipe; writes `<out>/<name>/recipe.toml` (a copy), `plan.parquet`, `launch.json` (the
 executor and its options, which `resume` reuses) and, through `umv2cli.train`, one
 `runs/<run-id>/` per run. Launching is idempotent: a run whose STATUS is `done` is never launched
-again, nor one whose Slurm job is queued or running; a failed one only with `retry_failed`; a
-started one resumes from its checkpoint.
+again, nor one whose Slurm job is queued or running, nor one another live process trains (it holds
+the run's lock: a second `sweep run` of the same sweep reports it "running elsewhere"); a failed one
+only with `retry_failed`; a started one resumes from its checkpoint. A run whose files are damaged
+is marked failed, and the others go on.
 
 Executors (`launch_runs`):
-    local   a pool of worker processes on this machine, each pinned to its own share of the CPUs
-            (so torch in each uses only those); returns when every run has ended. With
-            `gpus_per_run` N > 1, each run is N processes under torchrun (`launch_local_distributed`).
+    local   a pool of worker processes on this machine (`sweeps.workers`): one per GPU, or
+            `runs_per_gpu` sharing each GPU, or one per CPU without GPU, each pinned to its own
+            share of the CPUs; returns when every run has ended. The workers die with this process,
+            and an error or Ctrl-C stops them: queued runs don't start, running ones checkpoint.
+            With `gpus_per_run` N > 1, each run is N processes under torchrun
+            (`launch_local_distributed`).
     slurm   job arrays through submitit (`sweeps.slurm`); returns once they are submitted, or with
             `wait` when every run has ended (it polls the ledger: one squeue call per poll).
 """
@@ -17,7 +22,6 @@ Executors (`launch_runs`):
 import dataclasses
 import io
 import json
-import multiprocessing
 import os
 import queue
 import re
@@ -25,17 +29,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
-from umv2cli.files import write_atomic
-from umv2cli.sweeps.ledger import RunState, last_step, read_plan, run_states
-from umv2cli.sweeps.plan import PlannedRun, build_plan
+from umv2cli.files import Damaged, make_dir, read_json, write_atomic
+from umv2cli.rundir import last_step
+from umv2cli.sweeps.ledger import RunState, plan_steps, run_states
+from umv2cli.sweeps.plan import MAX_RUNS, PlannedRun, build_plan
 from umv2cli.sweeps.recipe import Recipe, load_recipe
 from umv2cli.sweeps.slurm import SlurmOptions, cancel, slurm_options, submit
+from umv2cli.sweeps.workers import WorkerPool, first_done, place, pool_stopping, stop_if_pool_stops
 
 EXECUTORS = ("local", "slurm")
 POLL_S = 3.0
@@ -48,7 +54,9 @@ OnDone = Callable[[str, str], None] | None
 @dataclass(frozen=True)
 class LaunchOptions:
     workers: int | None = None
-    """Local: worker processes (default: one per CPU)."""
+    """Local: worker processes (default: one per GPU × runs_per_gpu, or one per CPU without GPU)."""
+    runs_per_gpu: int = 1
+    """Local, on GPUs: workers that share each GPU."""
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     wait: bool = False
     """Slurm: return only when every run has ended (local runs always do)."""
@@ -56,15 +64,19 @@ class LaunchOptions:
     """Local: processes (GPUs, or CPU processes without any) of each run; above 1, torchrun starts them."""
 
 
-def prepare_sweep(recipe_path: Path, out: Path, processes: int | None = None) -> tuple[Path, Recipe, list[PlannedRun]]:
-    """Plan the recipe for runs of `processes` processes each (default: its [slurm] table's) and
-    write the sweep directory's recipe copy and plan.parquet."""
+def prepare_sweep(recipe_path: Path, out: Path, force: bool = False, check_data: bool = False,
+                  processes: int | None = None) -> tuple[Path, Recipe, list[PlannedRun]]:
+    """Plan the recipe (any number of runs with `force`) for runs of `processes` processes each (default: its
+    [slurm] table's) and write the sweep directory's recipe copy and plan.parquet; with `check_data`, open the
+    runs' data first (nothing is written if it cannot be used)."""
     import polars as pl
 
     recipe = load_recipe(recipe_path)
-    runs = build_plan(recipe, processes=processes)
+    runs = build_plan(recipe, max_runs=None if force else MAX_RUNS, processes=processes)
+    if check_data:
+        check_run_data(runs)
     sweep = out / recipe.name
-    (sweep / "runs").mkdir(parents=True, exist_ok=True)
+    make_dir(sweep / "runs")
     write_atomic(sweep / "recipe.toml", recipe_path.read_bytes())
     rows = [{**run.row, "steps": run.spec.train.steps} for run in runs]
     buffer = io.BytesIO()
@@ -73,26 +85,52 @@ def prepare_sweep(recipe_path: Path, out: Path, processes: int | None = None) ->
     return sweep, recipe, runs
 
 
-def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> list[PlannedRun]:
-    """The runs that are neither done nor queued or running on Slurm (nor failed, unless
-    `retry_failed`: their STATUS is removed so that they run again)."""
-    todo = []
+def check_run_data(runs: list[PlannedRun]) -> None:
+    """Open each distinct data folder of `runs` against its models (`umv2cli.train.open_run_data`):
+    a missing or unfit folder is a `UserError` before any run starts."""
+    from umv2cli.train import open_run_data
+
+    distinct = {(r.spec.data, r.spec.model.vocab_size, r.spec.model.seq_len, r.spec.train.seq_len): r for r in runs}
+    for run in distinct.values():
+        open_run_data(run.spec)
+
+
+def runs_to_launch(sweep: Path, runs: list[PlannedRun], retry_failed: bool) -> tuple[list[PlannedRun], dict[str, str]]:
+    """The runs that are neither done, nor queued or running on Slurm, nor trained by another live
+    process (nor failed, unless `retry_failed`: their STATUS is removed so that they run again); and
+    {run_id: "running elsewhere: <its lock's holder>"} of those another process trains."""
+    todo, elsewhere = [], {}
     for run, state in zip(runs, run_states(sweep, {run.run_id: run.spec.train.steps for run in runs})):
-        if state.state == "done" or state.scheduled or (state.state == "failed" and not retry_failed):
+        if state.state == "done" or state.scheduled:
+            continue
+        if state.holder:
+            elsewhere[run.run_id] = f"running elsewhere: {state.holder}"
+            continue
+        if state.state == "failed" and not retry_failed:
             continue
         (sweep / "runs" / run.run_id / "STATUS").unlink(missing_ok=True)
         todo.append(run)
-    return todo
+    return todo, elsewhere
 
 
 def execute_run(spec: RunSpec, run_dir: Path) -> str:
-    """One run, fresh or resumed from its checkpoint; returns its final status line."""
+    """One run, fresh or resumed from its checkpoint; returns its final status line ("running
+    elsewhere: …" when another process holds the run; "failed: damaged <file> (…)" when a file of it
+    is damaged). In a local worker, it does not start once the pool stops, and stops at a step's end
+    when it does."""
+    from umv2cli.rundir import RunBusy, damage_reason, read_status
     from umv2cli.train import RunFailed, train
 
+    if pool_stopping():
+        return "not started: the sweep stopped"
     try:
-        return train(spec, run_dir, resume=(run_dir / "spec.json").exists()).status
-    except RunFailed:
-        return (run_dir / "STATUS").read_text().strip()
+        return train(spec, run_dir, resume=None, on_step=stop_if_pool_stops).status
+    except RunBusy as e:
+        return f"running elsewhere: {e.holder}"
+    except Damaged as e:
+        return f"failed: {damage_reason(run_dir, e)}"
+    except RunFailed as e:
+        return read_status(run_dir) or f"failed: {e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,38 +145,25 @@ def launch_runs(sweep: Path, runs: list[PlannedRun], executor: str, options: Lau
     if executor == "local" and options.gpus_per_run > 1:
         return launch_local_distributed(sweep, runs, options.gpus_per_run, on_done)
     if executor == "local":
-        return launch_local(sweep, runs, options.workers or len(os.sched_getaffinity(0)), on_done)
+        return launch_local(sweep, runs, options, on_done)
     job_ids = submit(sweep, runs, options.slurm)
     if not options.wait:
         return {run.run_id: f"queued as Slurm job {job}" for run, job in zip(runs, job_ids)}
     return wait_for(sweep, runs, on_done)
 
 
-def _pin_worker(cpu_sets: "multiprocessing.Queue") -> None:
-    os.sched_setaffinity(0, cpu_sets.get())
-
-
-def pinned_pool(workers: int) -> ProcessPoolExecutor:
-    """`workers` spawned processes, each pinned to its own share of this process's CPUs (so torch
-    in each uses only those)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    shares = multiprocessing.get_context("spawn").Queue()
-    for w in range(workers):
-        shares.put(set(cpus[w::workers]))
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_worker,
-                               initargs=(shares,))
-
-
-def launch_local(sweep: Path, runs: list[PlannedRun], workers: int, on_done: OnDone = None) -> dict[str, str]:
-    """Run `runs` in a pool of `workers` processes; returns {run_id: status}."""
-    workers = max(1, min(workers, len(os.sched_getaffinity(0)), len(runs)))
+def launch_local(sweep: Path, runs: list[PlannedRun], options: LaunchOptions, on_done: OnDone = None) -> dict[str, str]:
+    """Run `runs` in a pool of workers placed on this machine's GPUs or CPUs; returns {run_id: status}."""
+    slots = place([run.spec.train.device for run in runs], options.workers, options.runs_per_gpu, len(runs))
     results = {}
-    with pinned_pool(workers) as pool:
-        futures = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(futures[future], results[futures[future]])
+    with WorkerPool(slots) as pool:
+        pending = {pool.submit(execute_run, run.spec, sweep / "runs" / run.run_id): run.run_id for run in runs}
+        while pending:
+            for future in first_done(pending):
+                run_id = pending.pop(future)
+                results[run_id] = future.result()
+                if on_done:
+                    on_done(run_id, results[run_id])
     return results
 
 
@@ -236,45 +261,69 @@ def _final(state: RunState) -> str:
 
 
 def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: int | None = None,
-           gpus_per_run: int = 1, slurm: dict | None = None, wait: bool = False, retry_failed: bool = False,
+           runs_per_gpu: int = 1, gpus_per_run: int = 1, slurm: dict | None = None, wait: bool = False,
+           retry_failed: bool = False, force: bool = False,
            on_done: OnDone = None) -> tuple[Path, dict[str, str]]:
     """Plan, write the sweep directory, and launch every run that is not done. `slurm` holds
     command-line job options; they override the recipe's [slurm] table. `gpus_per_run`: local
-    runs of several processes."""
+    runs of several processes. `force` plans a grid of more than `MAX_RUNS` runs."""
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor}: unknown; use one of {', '.join(EXECUTORS)}")
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
     recipe_slurm = slurm_options({**load_recipe(recipe_path).slurm, **overrides}, where=str(recipe_path))
     processes = gpus_per_run if executor == "local" else recipe_slurm.processes
-    sweep, recipe, runs = prepare_sweep(recipe_path, out, processes)
-    options = LaunchOptions(workers, recipe_slurm, wait, gpus_per_run)
+    sweep, recipe, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local", processes=processes)
+    options = LaunchOptions(workers, runs_per_gpu, recipe_slurm, wait, gpus_per_run)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
-                                                    "gpus_per_run": gpus_per_run,
+                                                    "runs_per_gpu": runs_per_gpu, "gpus_per_run": gpus_per_run,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
                                                     "slurm": dataclasses.asdict(options.slurm)}, indent=2) + "\n")
-    todo = runs_to_launch(sweep, runs, retry_failed)
-    return sweep, launch_runs(sweep, todo, executor, options, on_done) if todo else {}
+    todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)
+    return sweep, _report(elsewhere, on_done) | (launch_runs(sweep, todo, executor, options, on_done) if todo else {})
 
 
 def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
            on_done: OnDone = None) -> dict[str, str]:
     """Launch the runs of `sweep` that are not done, from its own recipe copy, on the executor
     and with the options it was last launched with."""
-    if not (sweep / "launch.json").exists():
-        raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
-    last = json.loads((sweep / "launch.json").read_text())
-    options = LaunchOptions(last["workers"], SlurmOptions(**last["slurm"]), wait, last.get("gpus_per_run", 1))
+    last = read_launch(sweep)
+    options = LaunchOptions(last["workers"], last.get("runs_per_gpu", 1),
+                            slurm_options(last["slurm"], where=str(sweep / "launch.json")), wait,
+                            last.get("gpus_per_run", 1))
     recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
     processes = options.gpus_per_run if last["executor"] == "local" else options.slurm.processes
-    todo = runs_to_launch(sweep, build_plan(recipe, processes=processes), retry_failed)
-    return launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {}
+    runs = build_plan(recipe, max_runs=None, processes=processes)  # planned once already
+    if last["executor"] == "local":
+        check_run_data(runs)
+    todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)
+    return _report(elsewhere, on_done) | (launch_runs(sweep, todo, last["executor"], options, on_done) if todo else {})
+
+
+def _report(elsewhere: dict[str, str], on_done: OnDone) -> dict[str, str]:
+    for run_id, status in elsewhere.items() if on_done else ():
+        on_done(run_id, status)
+    return elsewhere
+
+
+def read_launch(sweep: Path) -> dict:
+    """launch.json, checked: the executor, the local workers and the Slurm options it was last launched with."""
+    path = sweep / "launch.json"
+    if not path.exists():
+        raise UserError(f"{sweep}: no launch.json; is it a sweep directory made by `umv2 sweep run`?")
+    fix = "launch the sweep again with `umv2 sweep run RECIPE --out …` (done runs are kept)"
+    last = read_json(path, fix)
+    workers, per_gpu = last.get("workers"), last.get("runs_per_gpu", 1)
+    if last.get("executor") not in EXECUTORS or not isinstance(last.get("slurm"), dict) or not (
+            workers is None or (type(workers) is int and workers > 0)) or not (type(per_gpu) is int and per_gpu > 0):
+        raise Damaged(path, "expected an executor, workers, runs_per_gpu and slurm options, as `umv2 sweep run` writes", fix)
+    return last
 
 
 def cancel_sweep(sweep: Path) -> list[str]:
     """Cancel the Slurm jobs of `sweep`'s runs that are queued or running (one squeue, one
     scancel); returns their ids."""
-    states = run_states(sweep, {row["run_id"]: row["steps"] for row in read_plan(sweep)})
+    states = run_states(sweep, plan_steps(sweep))
     jobs = [state.job_id for state in states if state.scheduled]
     cancel(jobs)
     return jobs

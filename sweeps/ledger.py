@@ -4,23 +4,27 @@
 A sweep directory holds `recipe.toml`, `plan.parquet` (one row per run), `runs/<run-id>/` and,
 for Slurm, `jobs.jsonl` (each run's job). A run is
 
-    done, failed   its STATUS says so; or failed when its Slurm job ended in a failure
-                   (FAILED, OUT_OF_MEMORY, TIMEOUT, …) before the run wrote a STATUS
-    running        its Slurm job runs; or, with no job Slurm knows of, it has logged steps (it is
-                   running here, or was stopped and will resume)
+    done           its STATUS says so, and its metrics reach its last step
+    failed         its STATUS says so; or its Slurm job ended in a failure (FAILED, OUT_OF_MEMORY,
+                   TIMEOUT, …) before the run wrote a STATUS; or a file of it is damaged ("damaged
+                   STATUS (…)", or a done run whose metrics.jsonl ends early)
+    running        a live process holds its lock (`umv2cli.rundir.holder`), or its Slurm job runs; or,
+                   with no job Slurm knows of, it has logged steps (it was stopped and will resume)
     queued         its Slurm job waits in the queue (submitted, or requeued after a preemption)
     pending        nothing runs it: not started, or its job was cancelled (it resumes when launched)
 
 Slurm is asked once for all the sweep's unfinished jobs (`slurm.job_states`); a finished sweep
-costs no query at all. Each run costs two small reads: STATUS and the tail of metrics.jsonl.
+costs no query at all. Each run costs two small reads, STATUS and the tail of metrics.jsonl, and a
+run that is not done a look at its lock.
 """
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from umv2cli.errors import UserError
+from umv2cli.files import Damaged, read_parquet
+from umv2cli.rundir import damage_reason, holder, last_step, read_status
 from umv2cli.sweeps.slurm import FAILED, QUEUED, RUNNING, job_states, read_jobs
 
 STATES = ("done", "failed", "running", "queued", "pending")
@@ -38,6 +42,8 @@ class RunState:
     """The run's current Slurm job ("" if it never had one)."""
     job_state: str = ""
     """Slurm's state of that job ("" if Slurm does not know it)."""
+    holder: str = ""
+    """The live process that holds the run's lock, as its LOCK names it ("" if none)."""
 
     @property
     def scheduled(self) -> bool:
@@ -53,27 +59,32 @@ def run_states(sweep: Path, steps: dict[str, int]) -> list[RunState]:
     scheduler = job_states(open_jobs)
     states = []
     for run_id, total in steps.items():
-        job = jobs.get(run_id, {})
+        job, run = jobs.get(run_id, {}), sweep / "runs" / run_id
         job_id = job.get("job_id", "")
-        states.append(_state(run_id, files[run_id], last_step(sweep / "runs" / run_id), total, job_id,
-                             scheduler.get(job_id, ""), job.get("log", "")))
+        states.append(_state(run_id, files[run_id], last_step(run), total, job_id, scheduler.get(job_id, ""),
+                             job.get("log", ""), holder(run) if files[run_id] != "done" else ""))
     return states
 
 
 def _status(run: Path) -> str:
-    """The run's STATUS line, "" if it has none."""
+    """The run's STATUS line, "" if it has none; a damaged STATUS is the run's failure."""
     try:
-        return (run / "STATUS").read_text().strip()
-    except FileNotFoundError:
-        return ""
+        return read_status(run)
+    except Damaged as e:
+        return f"failed: {damage_reason(run, e)}"
 
 
-def _state(run_id: str, status: str, step: int, steps: int, job_id: str, job_state: str, log: str) -> RunState:
+def _state(run_id: str, status: str, step: int, steps: int, job_id: str, job_state: str, log: str,
+           held_by: str) -> RunState:
     def state(name: str, reason: str = "") -> RunState:
-        return RunState(run_id, name, step, steps, reason, job_id, job_state)
+        return RunState(run_id, name, step, steps, reason, job_id, job_state, held_by)
 
+    if status == "done" and step < steps:
+        return state("failed", f"damaged metrics.jsonl (done, but its last valid line is step {step} of {steps})")
     if status == "done":
         return state("done")
+    if held_by:
+        return state("running")
     if status.startswith("failed"):
         return state("failed", status.removeprefix("failed: "))
     if job_state in RUNNING:
@@ -87,45 +98,30 @@ def _state(run_id: str, status: str, step: int, steps: int, job_id: str, job_sta
     return state("running" if step else "pending")
 
 
-def tail_metrics(run: Path, n: int = 1, tail_bytes: int = 65536) -> list[dict]:
-    """The last ``n`` complete lines of the run's metrics.jsonl, oldest first, read from the file's
-    end: a line cut short by a kill (or by the window's start) is skipped, the rest never read."""
-    try:
-        with (run / "metrics.jsonl").open("rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - tail_bytes))
-            lines = f.read().split(b"\n")
-    except FileNotFoundError:
-        return []
-    tail = []
-    for line in reversed(lines[1:-1] if size > tail_bytes else lines[:-1]):  # whole lines only
-        try:
-            tail.append(json.loads(line))
-        except ValueError:
-            continue
-        if len(tail) == n:
-            break
-    return tail[::-1]
-
-
-def last_step(run: Path) -> int:
-    """The step of the last complete line of metrics.jsonl (0 if none)."""
-    tail = tail_metrics(run)
-    return tail[-1]["step"] if tail else 0
-
-
-def read_plan(sweep: Path) -> list[dict]:
+def read_plan(sweep: Path) -> "pl.DataFrame":
+    """The sweep's plan.parquet, checked: a run_id (text) and steps (an integer) column."""
     import polars as pl
 
-    if not (sweep / "plan.parquet").exists():
+    path = sweep / "plan.parquet"
+    if not path.exists():
         raise UserError(f"{sweep}: no plan.parquet; is it a sweep directory made by `umv2 sweep run`?")
-    return pl.read_parquet(sweep / "plan.parquet", columns=["run_id", "steps"]).to_dicts()
+    fix = "plan the sweep again with `umv2 sweep run` (done runs are kept)"
+    plan = read_parquet(path, ["run_id", "steps"], fix)
+    if plan.schema["run_id"] != pl.String or not plan.schema["steps"].is_integer():
+        raise Damaged(path, f"run_id is {plan.schema['run_id']} and steps {plan.schema['steps']}, not text and "
+                            "integers", fix)
+    return plan
+
+
+def plan_steps(sweep: Path) -> dict[str, int]:
+    """{run_id: its total steps} of every run of the sweep's plan."""
+    return dict(read_plan(sweep).select("run_id", "steps").iter_rows())
 
 
 def sweep_status(sweep: Path) -> dict:
     """Counts by state, failures with reasons, each run's state and job, progress in steps and an
     ETA from the pace so far."""
-    states = run_states(sweep, {row["run_id"]: row["steps"] for row in read_plan(sweep)})
+    states = run_states(sweep, plan_steps(sweep))
     steps_done, steps_total = sum(r.step for r in states), sum(r.steps for r in states)
     return {
         "sweep": str(sweep), "total": len(states), **{s: sum(r.state == s for r in states) for s in STATES},

@@ -14,6 +14,11 @@ reported per run (it is not zero where every FFN is replaced, e.g. an MoE, which
 A `tuned` file (`umv2 tune`) sets the [train] fields of each run's group; the recipe's [train]
 gives the rest.
 
+Checks before any compute: the grid's size, counted before a run is listed (more than MAX_RUNS needs
+`max_runs=None`, the command line's --force); for every run, what it would fail on only after
+training (`umv2cli.train.spec_problems`: a sequence too short for the memory tasks, …) and a size no
+run can hold (MAX_PARAMS).
+
 Speed (BENCHMARKS.md, "Sweeps"): each base model is resolved once, each axis value's type checked
 once per base, and a grid point's config is its base with the point's values replaced (the config
 dataclasses check the values), never parsed again; accounting is computed once per distinct config.
@@ -33,13 +38,15 @@ from umv2cli.config import (ModelConfig, MoEConfig, RunSpec, TrainConfig, UltraM
                             layout_problems)
 from umv2cli.errors import UserError
 from umv2cli.model.accounting import Accounting, account
-from umv2cli.sweeps.recipe import Recipe, Tuned, group_key, read_tuned
+from umv2cli.sweeps.recipe import MAX_PARAMS, Recipe, Tuned, group_key, read_tuned
 
 H100_BF16_FLOPS = 989e12
 """Dense bf16 peak of an H100 SXM (datasheet), for the GPU-hour estimate."""
 
 MAX_PROBLEMS = 20
 """Problems printed before the rest are counted, so a bad 100 × 100 grid stays readable."""
+MAX_RUNS = 100_000
+"""Runs a plan may have unless forced: ten times the largest grid planned here (10,000 runs in 2 s)."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,16 @@ def _fields(config: Any) -> dict[str, Any]:
     return vars(config)
 
 
-def build_plan(recipe: Recipe, *, mfu: float = 0.3, processes: int | None = None) -> list[PlannedRun]:
+def build_plan(recipe: Recipe, *, mfu: float = 0.3, max_runs: int | None = MAX_RUNS,
+               processes: int | None = None) -> list[PlannedRun]:
     """Every run of the recipe, in grid order, each on `processes` GPUs (or CPU processes; default:
-    the recipe's [slurm] nodes × tasks); all problems of all grid points at once."""
+    the recipe's [slurm] nodes × tasks); all problems of all grid points at once. A grid of more
+    than `max_runs` runs is refused before any is listed (None: no limit)."""
     from umv2cli.sweeps.slurm import slurm_options
 
+    if max_runs is not None and recipe.size() > max_runs:
+        raise UserError(f"{recipe.source}: the grid has {recipe.size():,} runs, more than {max_runs:,}; shrink it, "
+                        "or pass --force to plan them all")
     gc.disable()  # a plan allocates objects and frees none: the cycle collector would only re-scan them
     try:
         return _build_plan(recipe, mfu, processes or slurm_options(recipe.slurm, where=str(recipe.source)).processes)
@@ -76,6 +88,8 @@ def build_plan(recipe: Recipe, *, mfu: float = 0.3, processes: int | None = None
 
 
 def _build_plan(recipe: Recipe, mfu: float, processes: int) -> list[PlannedRun]:
+    from umv2cli.train import spec_problems
+
     bases = resolve_bases(recipe)
     tuned = read_tuned(recipe.tuned, recipe.grid) if recipe.tuned else None
     _raise(value_type_problems(recipe, bases))
@@ -86,24 +100,29 @@ def _build_plan(recipe: Recipe, mfu: float, processes: int) -> list[PlannedRun]:
         return train_config(recipe, tuned.train[group] if tuned else {}, seq_len, seed)
 
     runs, problems, seen = [], [], {}
-    for point in recipe.points():
-        seeds = recipe.seeds + (recipe.corner_seeds if recipe.is_corner(point) else ())
+    grid = [(p, recipe.seeds + (recipe.corner_seeds if recipe.is_corner(p) else ()), False) for p in recipe.points()]
+    for point, seeds, is_reference in grid + [(ref, recipe.seeds, True) for ref in recipe.references]:
         try:
             cfg, residual = hold_match(point_config(recipe, point, bases), reference, recipe.match)
             trains = [train_for(tuned_group(tuned, point), cfg.seq_len, seed) for seed in seeds]
         except UserError as e:
-            problems += [f"{recipe.source}: grid point {_show(point)}: {p}" for p in e.problems]
+            what = "reference" if is_reference else "grid point"
+            problems += [f"{recipe.source}: {what} {_show(point)}: {p}" for p in e.problems]
             continue
         acc = accounting(cfg)
         for train in trains:
             spec = RunSpec(model=cfg, train=train, data=recipe.data)
-            problems += [f"{recipe.source}: {p}" for p in layout_problems(spec, processes)]
+            found = spec_problems(spec) + size_problems(spec, acc) + layout_problems(spec, processes)
+            if found:
+                problems += [f"{recipe.source}: grid point {_show(point)}: {p}" for p in found]
+                continue
             rid = run_id(spec)
             if rid in seen:
                 problems.append(f"{recipe.source}: grid points {_show(seen[rid])} and {_show(point)} give the same "
                                 "run (e.g. two sparse_params that round to one table size); drop one")
             seen[rid] = point
-            runs.append(PlannedRun(rid, spec, plan_row(rid, spec, point, acc, residual, mfu, processes)))
+            row = plan_row(rid, spec, point, acc, residual, mfu, processes)
+            runs.append(PlannedRun(rid, spec, row | {"reference": is_reference}))
     _raise(problems)
     return runs
 
@@ -126,7 +145,7 @@ def _key(model: str | dict) -> str:
 
 def resolve_bases(recipe: Recipe) -> dict[str, ModelConfig]:
     """Every distinct base model of the recipe (its `model`, and each value of a model axis)."""
-    models = [recipe.model, *recipe.grid.get("model", [])]
+    models = [recipe.model, *recipe.grid.get("model", []), *[r["model"] for r in recipe.references if "model" in r]]
     bases, problems = {}, []
     for model in models:
         if _key(model) not in bases:
@@ -269,12 +288,22 @@ def _ffn_slope(d_model: int, n_heads: int, n_ffn_blocks: int, metric: str) -> in
 # a run's training and its row
 
 
+def size_problems(spec: RunSpec, acc: Accounting) -> list[str]:
+    """A run too large for any machine, or for the plan table's 64-bit integers."""
+    train, problems = spec.train, []
+    if acc.total_params > MAX_PARAMS:
+        problems.append(f"total_params={float(acc.total_params):.3g}: more than {MAX_PARAMS:.0e}, which no run can "
+                        "hold; lower sparse_params or the model's sizes")
+    tokens = train.steps * train.batch_size * (train.seq_len or spec.model.seq_len) * train.grad_accum
+    if tokens >= 2**63:
+        problems.append(f"train.steps={train.steps}: {float(tokens):.3g} tokens, beyond 2^63; lower it")
+    return problems
+
+
 def train_config(recipe: Recipe, tuned_fields: dict[str, Any], model_seq_len: int, seed: int) -> TrainConfig:
     """The recipe's [train], then the tuned fields of the run's group, the seed, and the steps of the
     token budget."""
     train = TrainConfig(**{**recipe.train, **tuned_fields, "seed": seed})
-    if train.seq_len is not None and train.seq_len > model_seq_len:
-        raise UserError(f"train.seq_len={train.seq_len}: exceeds the model's seq_len={model_seq_len}; lower it")
     if recipe.tokens is not None:
         per_step = train.batch_size * (train.seq_len or model_seq_len) * train.grad_accum
         train = dataclasses.replace(train, steps=math.ceil(recipe.tokens / per_step))
@@ -283,7 +312,11 @@ def train_config(recipe: Recipe, tuned_fields: dict[str, Any], model_seq_len: in
 
 def tuned_group(tuned: Tuned | None, point: dict[str, Any]) -> str | None:
     """The group of a tuned file that a grid point belongs to."""
-    return None if tuned is None else "all" if tuned.group_by is None else group_key(point[tuned.group_by])
+    if tuned is None:
+        return None
+    if tuned.group_by is not None and tuned.group_by not in point:
+        raise UserError(f"tuned: groups by {tuned.group_by}, which this point does not set; give it that key")
+    return "all" if tuned.group_by is None else group_key(point[tuned.group_by])
 
 
 def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: float, mfu: float,

@@ -22,6 +22,9 @@ the matching condition:
     "sparse.dv" = [16, 32]               # any model field by its dotted path
     model = ["tiny-dense", "tiny-moe"]   # or an axis over base models
 
+    [[references]]                       # runs beside the grid, for comparison, with `seeds`; optional
+    model = "tiny-dense"                 # a point in the grid's terms: any axis keys, one value each
+
     [tune]                               # what `umv2 tune` searches (see `TuneSpec`); optional
     group_by = "model"                   # one study per value of this axis
     n_trials = 8
@@ -44,14 +47,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from umv2cli.config import SPARSE_KINDS, ModelConfig, TrainConfig, read_table
+from umv2cli.config import MAX_SEED, SPARSE_KINDS, ModelConfig, TrainConfig, read_table
 from umv2cli.errors import UserError
 from umv2cli.sweeps.slurm import slurm_table_problems
 
 Match = Literal["fixed-backbone", "iso-activated", "iso-flop"]
 SHORTHANDS = ("sparse_params", "topm")
-TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "tune",
-            "slurm")
+TOP_KEYS = ("name", "model", "data", "seeds", "corner_seeds", "match", "tokens", "tuned", "train", "grid", "references",
+            "tune", "slurm")
+MAX_PARAMS = 10**13
+"""Total parameters a run may have: 10 T parameters take 160 TB to train (fp32 weights, gradients and two AdamW
+moments), beyond any one run; a larger count is a slip such as sparse_params = 1e30."""
+MAX_NAME_BYTES = 255
+"""The longest file name most file systems take (NAME_MAX): the sweep's folder is named after the recipe."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,9 @@ class Recipe:
     model: str | dict
     grid: dict[str, list]
     """Axis name → values, in the file's order (axes vary slowest first)."""
+    references: tuple[dict[str, Any], ...] = ()
+    """Points trained beside the grid (e.g. a dense and an MoE model at the same FLOPs), each {axis: value}, with
+    `seeds` (no corner seeds). They are compared with the grid, not fitted with it."""
     data: str = "builtin"
     seeds: tuple[int, ...] = (0,)
     corner_seeds: tuple[int, ...] = ()
@@ -119,6 +130,13 @@ class Recipe:
         for axis, values in self.grid.items():
             points = [{**p, axis: v} for p in points for v in values]
         return points
+
+    def size(self) -> int:
+        """How many runs the plan has, counted without listing them: every point with each seed, and the
+        corners (each axis at its first or last value) with each corner seed."""
+        points = math.prod(len(values) for values in self.grid.values())
+        corners = math.prod(min(len(values), 2) for values in self.grid.values())
+        return points * len(self.seeds) + corners * len(self.corner_seeds)
 
     def is_corner(self, point: dict[str, Any]) -> bool:
         return all(point[a] in (vs[0], vs[-1]) for a, vs in self.grid.items() if len(vs) > 1)
@@ -148,6 +166,8 @@ def load_recipe(path: Path, base: Path | None = None) -> Recipe:
         problems.append(f"{where}: grid: empty; give at least one axis, e.g. topm = [4, 8]")
     for axis, values in grid.items():
         problems += [f"{where}: {p}" for p in _axis_problems(axis, values)]
+    references = raw.get("references", [])
+    problems += [f"{where}: {p}" for p in _reference_problems(references)]
     train = raw.get("train", {}) if isinstance(raw.get("train", {}), dict) else {}
     train_problems = _train_problems(train, raw)
     problems += [f"{where}: {p}" for p in train_problems]
@@ -161,7 +181,8 @@ def load_recipe(path: Path, base: Path | None = None) -> Recipe:
     if problems:
         raise UserError(*problems)
     tuned = Path(raw["tuned"]) if "tuned" in raw else None
-    return Recipe(name=raw.get("name", path.stem), model=raw["model"], grid=grid, data=_data_path(raw, base),
+    return Recipe(name=raw.get("name", path.stem), model=raw["model"], grid=grid,
+                  references=tuple(references), data=_data_path(raw, base),
                   seeds=tuple(raw.get("seeds", [0])), corner_seeds=tuple(raw.get("corner_seeds", [])),
                   match=raw.get("match", "fixed-backbone"), tokens=_int(raw.get("tokens")), train=train,
                   tuned=tuned if tuned is None or tuned.is_absolute() else base / tuned, tune=tune,
@@ -186,10 +207,13 @@ def _typed(raw: dict, where: str) -> list[str]:
     name = raw.get("name", "")
     if isinstance(name, str) and (set(name) & set("/\\\0") or name in (".", "..")):
         problems.append(f"{where}: name={name!r}: names the sweep's folder; use letters, digits, - and _")
+    elif isinstance(name, str) and len(name.encode()) > MAX_NAME_BYTES:
+        problems.append(f"{where}: name={name[:20]!r}…: {len(name.encode())} bytes long; the sweep's folder takes "
+                        f"at most {MAX_NAME_BYTES}, shorten it")
     for key in ("seeds", "corner_seeds"):
         value = raw.get(key, [])
-        if not (isinstance(value, list) and all(_is_int(s) and s >= 0 for s in value)):
-            problems.append(f"{where}: {key}={value!r}: expected a list of integers ≥ 0")
+        if not (isinstance(value, list) and all(_is_int(s) and 0 <= s < MAX_SEED for s in value)):
+            problems.append(f"{where}: {key}={value!r}: expected a list of integers in [0, 2^63)")
     seeds = [s for key in ("seeds", "corner_seeds") if isinstance(raw.get(key), list) for s in raw[key]]
     if len(seeds) != len({repr(s) for s in seeds}):
         problems.append(f"{where}: seeds, corner_seeds: a seed appears twice; every run needs its own seed")
@@ -207,6 +231,15 @@ def _typed(raw: dict, where: str) -> list[str]:
     return problems
 
 
+def _reference_problems(references: Any) -> list[str]:
+    """`references` is a list of tables, each a point: grid-style keys with one value each."""
+    if not (isinstance(references, list) and all(isinstance(r, dict) and r for r in references)):
+        return ["references: expected a list of non-empty tables ([[references]] in TOML), each a point such as "
+                'model = "tiny-dense"']
+    return [p.replace("[0]", "", 1).replace("grid.", f"references[{i}].", 1)
+            for i, ref in enumerate(references) for axis, value in ref.items() for p in _axis_problems(axis, [value])]
+
+
 def _axis_problems(axis: str, values: Any) -> list[str]:
     """An axis must be a non-empty list of distinct values of a known field; the shorthands'
     values are checked here, every other field's type by the planner (it depends on the model)."""
@@ -219,8 +252,9 @@ def _axis_problems(axis: str, values: Any) -> list[str]:
         return [f"grid.{axis}: expected a non-empty list of values"]
     problems = []
     for i, value in enumerate(values):
-        if axis == "sparse_params" and not (_is_number(value) and 0 < value < math.inf):
-            problems.append(f"grid.sparse_params[{i}]={value!r}: expected a positive number of parameters")
+        if axis == "sparse_params" and not (_is_number(value) and 0 < value <= MAX_PARAMS):
+            problems.append(f"grid.sparse_params[{i}]={value!r}: expected a positive number of parameters, at most "
+                            f"{MAX_PARAMS:.0e}")
         elif axis == "topm" and not (_is_int(value) and value > 0):
             problems.append(f"grid.topm[{i}]={value!r}: expected a positive integer")
         elif axis == "model" and not isinstance(value, (str, dict)):

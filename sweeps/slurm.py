@@ -231,10 +231,23 @@ def record_jobs(sweep: Path, lines: list[dict]) -> None:
 
 
 def read_jobs(sweep: Path) -> dict[str, dict]:
-    """{run_id: its last job line}."""
+    """{run_id: its last job line}; a damaged line is skipped (its run's lock still keeps a second writer out)."""
+    from umv2cli.files import Damaged, read_text
+
     path = sweep / "jobs.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return {line["run_id"]: line for line in lines}
+    try:
+        text = read_text(path)
+    except (FileNotFoundError, Damaged):
+        return {}
+    jobs = {}
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("run_id"), str) and isinstance(line.get("job_id"), str):
+            jobs[line["run_id"]] = line
+    return jobs
 
 
 # ----------------------------------------------------------------------------------------------

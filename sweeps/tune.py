@@ -12,8 +12,10 @@ trial's [train] values per group).
    the grid's middle point.
 2. Trials. The driver asks a study for the next values (TPE: half the trials random, then
    guided; a constant liar keeps parallel trials apart) and trains them as a `RunSpec` run,
-   evaluated `evals` times, on the sweep's executors: locally in a pool of worker processes, each
-   pinned to its own share of the CPUs; or on Slurm, one job per trial through
+   evaluated `evals` times, on the sweep's executors: locally in a pool of worker processes placed
+   as a sweep's are (one per GPU, `runs_per_gpu` sharing each GPU, or one per CPU without GPU:
+   `sweeps.workers`), which die with the driver and stop at a step's end on an error or Ctrl-C
+   (the stopped trials are retried by the next `umv2 tune`); or on Slurm, one job per trial through
    `sweeps.slurm.submit`, requeued from its checkpoint when preempted.
 3. Pruning. Each evaluation's metric is reported to the study, and a trial that the median pruner
    stops is PRUNED (its run could resume). Locally the worker reports and stops its run itself; on
@@ -32,18 +34,18 @@ trial's [train] values per group).
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
-from umv2cli.sweeps.launch import pinned_pool
+from umv2cli.files import make_dir
 from umv2cli.sweeps.plan import PlannedRun, build_plan, run_id
 from umv2cli.sweeps.recipe import Recipe, TuneSpec, Tuned, group_key, load_recipe, write_tuned
+from umv2cli.sweeps.workers import WorkerPool, first_done, place, stop_if_pool_stops
 
 JOURNAL = "tune.journal"
 POLL_S = 3.0
@@ -53,7 +55,7 @@ SLURM_TRIALS = 4
 
 
 def tune(recipe_path: Path, out: Path, *, executor: str = "local", storage: str | None = None,
-         workers: int | None = None, n_trials: int | None = None,
+         workers: int | None = None, runs_per_gpu: int = 1, n_trials: int | None = None,
          on_trial: Callable[[str, Any], None] | None = None) -> tuple[Path, dict]:
     """Run (or continue) every study of the recipe and write best.toml; returns the folder and each
     group's summary: its best value and values (None when no trial completed), trials by state."""
@@ -77,15 +79,15 @@ def tune(recipe_path: Path, out: Path, *, executor: str = "local", storage: str 
     storage_spec = storage or str(folder / JOURNAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_storage(storage_spec)
-    (folder / "trials" / "runs").mkdir(parents=True, exist_ok=True)
+    make_dir(folder / "trials" / "runs")
     studies = {group: open_study(store, f"{recipe.name}/{group}", spec) for group in bases}
     for group, study in studies.items():
         for trial in retry_stale(study, store, spec):
             if on_trial:
                 on_trial(group, trial)
     if slurm is None:
-        cpus = len(os.sched_getaffinity(0))
-        _drive_local(studies, bases, spec, storage_spec, folder / "trials", min(workers or cpus, cpus), on_trial)
+        pool = WorkerPool(place([base.train.device for base in bases.values()], workers, runs_per_gpu))
+        _drive_local(studies, bases, spec, storage_spec, folder / "trials", pool, on_trial)
     else:
         _drive_slurm(studies, bases, spec, folder / "trials", slurm, workers or SLURM_TRIALS, on_trial)
     summary = {group: summarize(study) for group, study in studies.items()}
@@ -151,21 +153,20 @@ def has_work(study, spec: TuneSpec) -> bool:
 
 
 def _drive_local(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, storage_spec: str, trials: Path,
-                 workers: int, on_trial) -> None:
-    """Keep `workers` trials training here until every study has its trials."""
+                 pool: WorkerPool, on_trial) -> None:
+    """Keep a trial training in each worker of `pool` until every study has its trials."""
     pending: dict[Future, tuple[str, Any]] = {}
-    with pinned_pool(workers) as pool:
+    with pool:
         while True:
             for group, study in studies.items():
-                while len(pending) < workers and has_work(study, spec):
+                while len(pending) < pool.size and has_work(study, spec):
                     trial, run = ask(study, spec, bases[group])
                     # the worker rebuilds the trial from its storage id, which only `_trial_id` holds
                     pending[pool.submit(run_trial, storage_spec, study.study_name, trial._trial_id, run.spec,
                                         trials / "runs" / run.run_id, spec.metric, spec.prune)] = (group, trial)
             if not pending:
                 return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
+            for future in first_done(pending):
                 group, trial = pending.pop(future)
                 told = tell(studies[group], trial, future.result(), spec)
                 if on_trial:
@@ -178,6 +179,7 @@ def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, 
     the pruner says so; returns {"state": complete | pruned | failed, "value", "step", "reason"}."""
     import optuna
 
+    from umv2cli.rundir import read_status
     from umv2cli.train import RunFailed, train
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_spec), pruner=pruner(prune))
@@ -185,6 +187,7 @@ def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, 
     last: dict[str, Any] = {"step": 0, "value": None}
 
     def report(line: dict) -> None:
+        stop_if_pool_stops(line)
         if "eval_loss" in line:  # an evaluation step
             last.update(step=line["step"], value=line[metric])
             trial.report(line[metric], line["step"])
@@ -192,11 +195,11 @@ def run_trial(storage_spec: str, study_name: str, trial_id: int, spec: RunSpec, 
                 raise optuna.TrialPruned()
 
     try:
-        result = train(spec, run_dir, resume=(run_dir / "spec.json").exists(), on_step=report)
+        result = train(spec, run_dir, resume=None, on_step=report)
     except optuna.TrialPruned:
         return {"state": "pruned", **last, "reason": f"pruned at step {last['step']}"}
-    except RunFailed:
-        return {"state": "failed", **last, "reason": (run_dir / "STATUS").read_text().strip(), "seed_step": 1}
+    except RunFailed as e:
+        return {"state": "failed", **last, "reason": read_status(run_dir) or str(e), "seed_step": 1}
     value = result.final.get(metric, math.nan)
     if result.status != "done" or not math.isfinite(value):
         return {"state": "failed", **last, "reason": f"{result.status}; {metric} = {value}", "seed_step": 1}
@@ -249,7 +252,7 @@ def _drive_slurm(studies: dict, bases: dict[str, RunSpec], spec: TuneSpec, trial
 
 def report_evaluations(trial, run_dir: Path, metric: str, after: int) -> int:
     """Report the run's evaluations after step `after` to the study; the last step reported."""
-    from umv2cli.train import read_metrics
+    from umv2cli.rundir import read_metrics
 
     for line in read_metrics(run_dir):
         if "eval_loss" in line and line["step"] > after:
@@ -260,7 +263,7 @@ def report_evaluations(trial, run_dir: Path, metric: str, after: int) -> int:
 
 def slurm_outcome(state, p: _SlurmTrial, run_dir: Path, metric: str) -> dict[str, Any]:
     """A trial's outcome from its run's state once its job has ended."""
-    from umv2cli.sweeps.ledger import tail_metrics
+    from umv2cli.rundir import tail_metrics
 
     if state.state == "done":
         value = tail_metrics(run_dir)[-1].get(metric, math.nan)
@@ -350,7 +353,7 @@ def open_storage(spec: str):
             raise UserError(f"--storage {spec}: cannot open ({str(e).splitlines()[0]}); check the URL, the "
                             "server and its Python driver") from None
     path = Path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
 
 

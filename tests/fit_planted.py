@@ -1,6 +1,8 @@
 """Runs tables drawn from planted scaling laws with noise, and the truths a fit should recover.
 
-Each table has the columns `umv2cli.fit.COLUMNS`; noise is Gaussian in log L (one draw per run).
+Each table has the columns `umv2cli.fit.COLUMNS`; noise is Gaussian in log L (one draw per run). ``rounding``
+moves each level of P by ±that fraction (alternating), as the planner's rounding of the table size does, with the
+nominal values in grid.sparse_params and grid.topm where ``grid`` is set.
 """
 
 import numpy as np
@@ -12,16 +14,29 @@ def row(run_id, P, m, N, D, flops, seed, loss) -> dict:
                 flops_per_token=flops, seed=seed, loss=float(loss))
 
 
-def planted_loglinear(a, b, c=0.0, c0=1.5, noise=0.004, seeds=2, levels=4, rng=0) -> pl.DataFrame:
+def rounded(P, level: int, rounding: float) -> float:
+    """P moved by ±``rounding`` (the sign alternates with the level), as the planner's table sizes are."""
+    return P * (1 + rounding * (-1) ** level)
+
+
+def with_grid(rows: list[dict], nominal: list[tuple]) -> list[dict]:
+    """Rows with grid.sparse_params and grid.topm set to their nominal (P, m)."""
+    return [r | {"grid.sparse_params": P, "grid.topm": m} for r, (P, m) in zip(rows, nominal)]
+
+
+def planted_loglinear(a, b, c=0.0, c0=1.5, noise=0.004, seeds=2, levels=4, rng=0, rounding=0.0,
+                      grid=False) -> pl.DataFrame:
     """F1: a levels×levels (P, m) grid, `seeds` runs each, log L = c0 + a·log P + b·log m + c·log P·log m."""
     rng = np.random.default_rng(rng)
-    rows = []
-    for P in 2.0 ** np.arange(levels) * 1e8:
+    rows, nominal = [], []
+    for i, P in enumerate(2.0 ** np.arange(levels) * 1e8):
         for m in 2.0 ** np.arange(levels) * 32:
             for s in range(seeds):
-                lL = c0 + a * np.log(P) + b * np.log(m) + c * np.log(P) * np.log(m) + noise * rng.standard_normal()
-                rows.append(row(f"P{P:g}-m{m:g}-s{s}", P, m, 2e8, 4e9, 4e8, s, np.exp(lL)))
-    return pl.DataFrame(rows)
+                Pr = rounded(P, i, rounding)
+                lL = c0 + a * np.log(Pr) + b * np.log(m) + c * np.log(Pr) * np.log(m) + noise * rng.standard_normal()
+                rows.append(row(f"P{P:g}-m{m:g}-s{s}", Pr, m, 2e8, 4e9, 4e8, s, np.exp(lL)))
+                nominal.append((P, m))
+    return pl.DataFrame(with_grid(rows, nominal) if grid else rows)
 
 
 def loglinear_truth(a, b, c, centre) -> tuple[float, float]:
@@ -45,19 +60,23 @@ def planted_chinchilla(noise=0.003, rng=0) -> pl.DataFrame:
                          for N in [1e7, 2e7, 4e7, 8e7, 1.6e8, 3.2e8] for D in [1e9, 3e9, 9e9]])
 
 
-def planted_leverage(u, v, c0, noise=0.002, seeds=2, rng=0) -> pl.DataFrame:
+def planted_leverage(u, v, c0, noise=0.002, seeds=2, rng=0, rounding=0.0, floor=()) -> pl.DataFrame:
     """F4: a dense ladder (6 sizes, L = E + A/N^α, FLOPs/token = 6N) and a 4×4 (P, m) grid at N_a = 2e7 whose runs
-    have efficiency leverage EL = e^c0·P^u·m^v: each reaches the loss of a dense model with EL times its FLOPs."""
+    have efficiency leverage EL = e^c0·P^u·m^v: each reaches the loss of a dense model with EL times its FLOPs.
+    The configurations (P, m) in ``floor`` get a loss below the ladder's floor E instead (no dense model reaches
+    it)."""
     rng = np.random.default_rng(rng)
     rows = [row(f"dense-{N:g}", 0, 0, N, 4e9, 6 * N, 0, dense_loss(N) * np.exp(noise * rng.standard_normal()))
             for N in [1e7, 2e7, 4e7, 8e7, 1.6e8, 3.2e8]]
     Na, flops = 2e7, 6 * 2e7 * 1.05  # the memory layer adds 5% FLOPs
-    for P in 2.0 ** np.arange(4) * 1e8:
+    for i, P in enumerate(2.0 ** np.arange(4) * 1e8):
         for m in 2.0 ** np.arange(4) * 32:
-            N_equiv = np.exp(c0 + u * np.log(P) + v * np.log(m)) * flops / 6
+            Pr = rounded(P, i, rounding)
+            N_equiv = np.exp(c0 + u * np.log(Pr) + v * np.log(m)) * flops / 6
+            loss = 0.97 * CHINCHILLA["E"] if (P, m) in floor else dense_loss(N_equiv)
             for s in range(seeds):
-                rows.append(row(f"P{P:g}-m{m:g}-s{s}", P, m, Na, 4e9, flops, s,
-                                dense_loss(N_equiv) * np.exp(noise * rng.standard_normal())))
+                rows.append(row(f"P{P:g}-m{m:g}-s{s}", Pr, m, Na, 4e9, flops, s,
+                                loss * np.exp(noise * rng.standard_normal())))
     return pl.DataFrame(rows)
 
 
@@ -70,13 +89,16 @@ def modulated_loss(P, m, N, D, p=MODULATED) -> float:
         + p["B"] * D ** -p["beta"]
 
 
-def planted_modulated(noise=0.003, rng=0) -> pl.DataFrame:
-    """F2 on 3 P × 3 m × 3 N_a × 3 D, one run each (81 runs)."""
+def planted_modulated(noise=0.003, rng=0, p=MODULATED, tilt=(0.0, 0.0), small=False,
+                      rounding=0.0) -> pl.DataFrame:
+    """F2 on 3 P × 3 m × 3 N_a × 3 D (``small``: 2 N_a × 2 D), one run each (81 or 36 runs). ``tilt`` = (t_P, t_m)
+    multiplies the loss by (P/4e7)^t_P·(m/64)^t_m: positive, it makes a knob hurt, which F2 cannot express."""
     rng = np.random.default_rng(rng)
-    return pl.DataFrame([row(f"P{P:g}-m{m}-N{N:g}-D{D:g}", P, m, N, D, 6 * N, 0,
-                             modulated_loss(P, m, N, D) * np.exp(noise * rng.standard_normal()))
-                         for P in [1e7, 4e7, 1.6e8] for m in [16, 64, 256] for N in [5e7, 1e8, 2e8]
-                         for D in [1e9, 3e9, 9e9]])
+    Ns, Ds = ([5e7, 2e8], [1e9, 9e9]) if small else ([5e7, 1e8, 2e8], [1e9, 3e9, 9e9])
+    return pl.DataFrame([row(f"P{P:g}-m{m}-N{N:g}-D{D:g}", rounded(P, i, rounding), m, N, D, 6 * N, 0,
+                             modulated_loss(rounded(P, i, rounding), m, N, D, p) * (P / 4e7) ** tilt[0]
+                             * (m / 64) ** tilt[1] * np.exp(noise * rng.standard_normal()))
+                         for i, P in enumerate([1e7, 4e7, 1.6e8]) for m in [16, 64, 256] for N in Ns for D in Ds])
 
 
 def modulated_truth(centre, p=MODULATED) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """Token data (umv2cli/data.py): prepare, open_data, the builtin corpus, get_batch."""
 
+import gzip
 import hashlib
 import json
 import math
@@ -233,7 +234,8 @@ def unreadable_tokenizer(path: Path) -> str:
 
 BAD_PREPARE = {
     "missing source": (lambda c, t: {"sources": [c / "nope.txt"]}, "source '"),
-    "no text": (lambda c, t: {"sources": [binary_folder(c), c / "empty.txt"]}, "no text found"),
+    "no text": (lambda c, t: {"sources": [binary_folder(c)]}, "no text found"),
+    "empty source file": (lambda c, t: {"sources": [c / "empty.txt"]}, "empty.txt': empty; remove it from the"),
     "binary source file": (lambda c, t: {"sources": [c / "latin1.txt"]}, "not UTF-8 text"),
     "no sources": (lambda c, t: {"sources": []}, "sources: none given"),
     "one token": (lambda c, t: {"sources": [one_byte_file(c / "x.txt")]},
@@ -253,7 +255,44 @@ BAD_PREPARE = {
                               "none of the end-of-text tokens"),
     "lossy tokenizer": (lambda c, t: {"tokenizer": lowercasing_tokenizer(t / "lower.json")},
                         "does not give back"),
+    "jsonl without the text field": (lambda c, t: {"sources": [write_jsonl(t / "a.jsonl", {"id": 1, "body": "x"})]},
+                                     "a.jsonl' line 1: no 'text' field (fields: id, body); name the text field"),
+    "jsonl text not a string": (lambda c, t: {"sources": [write_jsonl(t / "a.jsonl", {"text": "ok"}, {"text": 3})]},
+                                "a.jsonl' line 2: 'text' is a JSON int, not a string"),
+    "jsonl line not JSON": (lambda c, t: {"sources": [write_jsonl(t / "a.jsonl.gz", {"text": "ok"}, "", "{oops")]},
+                            "a.jsonl.gz' line 3: not JSON"),
+    "jsonl line not an object": (lambda c, t: {"sources": [write_jsonl(t / "a.jsonl", '["text"]')]},
+                                 "line 1: a JSON list, not an object"),
+    "jsonl of binary junk": (lambda c, t: {"sources": [write_file(t / "a.jsonl", b"\x89PNG\r\n\x1a\n\0\0")]},
+                             "a.jsonl' line 1: invalid UTF-8 at byte 0 of the line"),
+    "empty jsonl": (lambda c, t: {"sources": [write_file(t / "a.jsonl.zst", b"\n")]}, "empty, no records"),
+    "no text in records": (lambda c, t: {"sources": [write_jsonl(t / "a.jsonl", {"text": ""})]}, "no text found"),
+    "text column empty": (lambda c, t: {"text_column": ""}, "text_column: empty"),
+    "gz of junk": (lambda c, t: {"sources": [write_file(t / "a.txt", b"junk").rename(t / "a.txt.gz") or t / "a.txt.gz"]},
+                   "a.txt.gz': corrupt or truncated .gz data"),
+    "truncated gz": (lambda c, t: {"sources": [truncated(write_file(t / "a.jsonl.gz", b'{"text": "x"}\n' * 99))]},
+                     "a.jsonl.gz': corrupt or truncated .gz data"),
+    "zst of junk": (lambda c, t: {"sources": [write_file(t / "a.txt", b"junk").rename(t / "a.zst") or t / "a.zst"]},
+                    "a.zst': corrupt or truncated .zst data"),
+    "truncated zst": (lambda c, t: {"sources": [truncated(write_file(t / "a.txt.zst", os.urandom(999)))]},
+                      "a.txt.zst': corrupt or truncated .zst data (the file ends inside a zstd frame)"),
+    "corrupt gz in a folder": (lambda c, t: {"sources": [c, truncated(write_file(c / "d" / "x.gz", b"text" * 99))]},
+                               "x.gz': corrupt or truncated .gz data"),
+    "parquet without the column": (lambda c, t: {"sources": [write_parquet(t / "a.parquet", id=[1], body=["x"])]},
+                                   "a.parquet': no column 'text' (columns: id, body); name the text column"),
+    "parquet column not text": (lambda c, t: {"sources": [write_parquet(t / "a.parquet", text=[1, 2])]},
+                                "a.parquet': column 'text' holds Int64, not text; name a string column"),
+    "parquet of junk": (lambda c, t: {"sources": [write_file(t / "a.parquet", b"PAR1 junk \0\1\2")]},
+                        "a.parquet': not a readable Parquet file"),
+    "empty parquet": (lambda c, t: {"sources": [write_parquet(t / "a.parquet", text=[])]}, "empty, no records"),
+    "compressed parquet": (lambda c, t: {"sources": [write_file(t / "a.parquet.gz", b"x")]},
+                           "a.parquet.gz': a Parquet file compresses its columns itself"),
 }
+
+
+def truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:-7])
+    return path
 
 
 @pytest.mark.parametrize("case", BAD_PREPARE)
@@ -283,6 +322,218 @@ def test_an_out_path_that_is_a_file_is_refused(corpus):
     with pytest.raises(UserError, match="is a file; pass a new or empty folder"):
         prepare([corpus], corpus / "cafe.txt")
     assert (corpus / "cafe.txt").read_text() == TEXTS["cafe.txt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# .jsonl, Parquet, .gz and .zst inputs; streaming
+
+
+def compress(raw: bytes, suffix: str) -> bytes:
+    import zstandard
+
+    return {"": raw, ".gz": gzip.compress(raw, mtime=0), ".zst": zstandard.ZstdCompressor().compress(raw)}[suffix]
+
+
+def write_file(path: Path, raw: bytes) -> Path:
+    """`raw` at `path`, compressed as the name ends (.gz, .zst)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(compress(raw, next((s for s in (".gz", ".zst") if path.name.endswith(s)), "")))
+    return path
+
+
+def write_jsonl(path: Path, *records) -> Path:
+    """One line per record: a dict is written as JSON, a str as it is."""
+    return write_file(path, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode())
+
+
+def write_parquet(path: Path, **columns) -> Path:
+    """The columns as a Parquet file of 3-row groups; an empty column is a string column."""
+    import polars as pl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = {name: pl.String for name, values in columns.items() if not len(values)}
+    pl.DataFrame(columns, schema_overrides=empty).write_parquet(path, row_group_size=3)
+    return path
+
+
+ORDER = sorted(TEXTS)  # the order prepare reads the corpus folder in
+
+SAME_DOCUMENTS = {  # TEXTS, in ORDER, as other kinds of input
+    "jsonl": lambda t: write_jsonl(t / "docs.jsonl", *({"id": i, "text": TEXTS[n]} for i, n in enumerate(ORDER))),
+    "jsonl.gz": lambda t: write_jsonl(t / "docs.jsonl.gz", *({"text": TEXTS[n]} for n in ORDER)),
+    "jsonl.zst": lambda t: write_jsonl(t / "docs.jsonl.zst", *({"text": TEXTS[n]} for n in ORDER)),
+    "json.zst (OLMo-mix)": lambda t: write_jsonl(t / "docs.json.zst", *({"text": TEXTS[n]} for n in ORDER)),
+    "parquet": lambda t: write_parquet(t / "docs.parquet", id=list(range(8)), text=[TEXTS[n] for n in ORDER]),
+    "folder of .txt.gz and .txt.zst": lambda t: [write_file(t / "src" / f"{i}.txt{'.gz' if i % 2 else '.zst'}",
+                                                            TEXTS[n].encode()) for i, n in enumerate(ORDER)][0].parent,
+    "folder of two .jsonl shards": lambda t: [write_jsonl(t / "src" / "a.jsonl", *({"text": TEXTS[n]} for n in ORDER[:3])),
+                                              write_jsonl(t / "src" / "b.jsonl", *({"text": TEXTS[n]} for n in ORDER[3:]))
+                                              ][0].parent,
+}
+
+
+@pytest.mark.parametrize("form,kind", [(form, "byte") for form in SAME_DOCUMENTS]
+                         + [("jsonl.zst", "bpe:300"), ("parquet", "bpe:300")])
+def test_every_input_format_gives_the_tokens_of_the_same_text_files(corpus, tmp_path, form, kind):
+    folder = prepare([corpus], tmp_path / "folder", tokenizer=kind, val_fraction=0.2)
+    meta = prepare([SAME_DOCUMENTS[form](tmp_path)], tmp_path / "out", tokenizer=kind, val_fraction=0.2)
+    assert meta["content_hash"] == folder["content_hash"] and meta["tokens"] == folder["tokens"]
+    assert meta["documents"] == folder["documents"] and meta["skipped"] == []
+    d = open_data(tmp_path / "out")
+    assert sorted(texts_by_split(d)["val"]) == sorted(TEXTS[Path(n).relative_to(corpus).as_posix()]
+                                                      for n in folder["val_documents"])
+
+
+def test_records_are_documents_named_by_line_or_row_and_a_text_column_can_be_chosen(tmp_path):
+    lines = write_jsonl(tmp_path / "a.jsonl", {"body": "first record"}, "", {"body": "third line"})
+    rows = write_parquet(tmp_path / "b.parquet", body=["row one", "row two"])
+    meta = prepare([lines, rows], tmp_path / "out", text_column="body", val_fraction=0.5)
+    names = [f"{lines}:1", f"{lines}:3", f"{rows}:1", f"{rows}:2"]
+    texts = dict(zip(names, ["first record", "third line", "row one", "row two"]))
+    assert meta["text_column"] == "body" and meta["documents"] == {"train": 2, "val": 2}
+    assert set(meta["val_documents"]) < set(names)
+    split = texts_by_split(open_data(tmp_path / "out"))
+    assert split["val"] == [texts[n] for n in names if n in meta["val_documents"]]
+    assert split["train"] == [texts[n] for n in names if n not in meta["val_documents"]]
+
+
+def test_only_a_compressed_json_file_is_read_as_json_lines(tmp_path):
+    write_file(tmp_path / "src" / "config.json", b'{\n  "text": "one document"\n}\n')
+    write_jsonl(tmp_path / "src" / "shard.json.gz", {"text": "a record"}, {"text": "another"})
+    meta = prepare([tmp_path / "src"], tmp_path / "out")
+    split = texts_by_split(open_data(tmp_path / "out"))
+    assert meta["documents"] == {"train": 2, "val": 1}
+    assert sorted(split["train"] + split["val"]) == sorted(['{\n  "text": "one document"\n}\n', "a record", "another"])
+
+
+def test_a_zst_file_of_several_frames_is_read_to_its_end(tmp_path):
+    import zstandard
+
+    frames = b"".join(zstandard.ZstdCompressor().compress(part) for part in (b"one frame, ", b"two frames"))
+    (tmp_path / "doc.txt.zst").write_bytes(frames)
+    prepare([tmp_path / "doc.txt.zst"], tmp_path / "out")
+    d = open_data(tmp_path / "out")
+    assert d.decode(np.concatenate([d.train, d.val])) == "one frame, two frames"
+
+
+def test_a_folder_skips_empty_records_and_files_that_are_not_text_and_says_so(tmp_path):
+    src = tmp_path / "src"
+    write_jsonl(src / "a.jsonl", {"text": "a doc"}, "  ", {"text": ""}, {"text": None}, '{"text": "bad \\ud800"}',
+                {"text": "another doc"})
+    write_file(src / "b.jsonl", b"")
+    write_file(src / "c.txt.gz", b"\x89PNG\0\1")
+    write_file(src / "d.txt.zst", "café".encode("latin-1"))
+    write_parquet(src / "e.parquet", text=["row", None, ""])
+    meta = prepare([src], tmp_path / "out", val_fraction=0.3)
+    assert meta["skipped"] == [
+        {"path": str(src / "a.jsonl"), "reason": "empty or null 'text'", "records": 2},
+        {"path": str(src / "a.jsonl"), "reason": "'text' holds a lone surrogate, not UTF-8", "records": 1},
+        {"path": str(src / "b.jsonl"), "reason": "empty"},
+        {"path": str(src / "c.txt.gz"), "reason": "binary (NUL byte)"},
+        {"path": str(src / "d.txt.zst"), "reason": "invalid UTF-8 at byte 3"},
+        {"path": str(src / "e.parquet"), "reason": "empty or null 'text'", "records": 2}]
+    split = texts_by_split(open_data(tmp_path / "out"))
+    assert sorted(split["train"] + split["val"]) == ["a doc", "another doc", "row"]
+
+
+def test_the_split_of_records_is_by_document_and_follows_the_seed(tmp_path):
+    texts = [f"record {i} " * (1 + i % 7) for i in range(40)]
+    src = write_jsonl(tmp_path / "docs.jsonl.zst", *({"text": t} for t in texts))
+    val_sets = set()
+    for seed in (0, 0, 1):
+        meta = prepare([src], tmp_path / f"s{seed}", seed=seed, val_fraction=0.25)
+        split = texts_by_split(open_data(tmp_path / f"s{seed}"))
+        val_lines = [int(n.rsplit(":", 1)[1]) for n in meta["val_documents"]]
+        assert split["val"] == [texts[i - 1] for i in val_lines]  # each val document whole, in source order
+        assert split["train"] == [t for i, t in enumerate(texts, 1) if i not in val_lines]
+        assert sum(len(t) for t in split["val"]) >= 0.25 * sum(map(len, texts))
+        val_sets.add(tuple(val_lines))
+    assert len(val_sets) == 2  # seed 0 twice gives one split; seed 1 another
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe:300"])
+def test_streaming_in_small_batches_writes_what_one_batch_writes(tmp_path, monkeypatch, kind):
+    texts = [f"document {i}: " + "memory layers at scale " * (i % 9 + 1) for i in range(60)]
+    src = write_jsonl(tmp_path / "docs.jsonl.gz", *({"text": t} for t in texts))
+    batches = []
+    real = data._batches
+    monkeypatch.setattr(data, "_batches", lambda *a: (batches.append(b) or b for b in real(*a)))
+    prepare([src], tmp_path / "one", tokenizer=kind, batch_bytes=1 << 30)
+    assert len(batches) == 1
+    batches.clear()
+    prepare([src], tmp_path / "many", tokenizer=kind, batch_bytes=300)
+    assert len(batches) > 10 and sum(map(len, batches)) == 60
+    for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
+
+
+def test_progress_reports_each_pass_up_to_the_bytes_on_disk(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl.zst", *({"text": f"doc {i} " * 50} for i in range(20)))
+    heard = []
+    prepare([src], tmp_path / "out", tokenizer="bpe:300", progress=lambda *a: heard.append(a))
+    stages = list(dict.fromkeys(s for s, _, _ in heard))
+    assert stages == ["reading", "training BPE", "tokenizing"]
+    for stage in stages:
+        done = [n for s, n, total in heard if s == stage]
+        assert done == sorted(done) and done[-1] == src.stat().st_size
+        assert {total for s, _, total in heard} == {src.stat().st_size}
+
+
+# The content hashes that the code before record formats and streaming (main at f15e63b) wrote for
+# `pinned_corpus` with val_fraction=0.1, seed=7: printed by running `prepare` there on this corpus
+# (twice, in separate processes, with the same result). A folder of text files keeps giving the same
+# tokens, so a corpus prepared then (data/debian-en) can be rebuilt bit for bit.
+PINNED_HASHES = {
+    ("folder", "byte"): "sha256:cae5fd6932bdc220001ba2255525d7ce2e9e33c33e9a22f36558f345192e4325",
+    ("folder", "bpe:300"): "sha256:3ae404e18edba1e3ee7942a6555e010875f94566ccd27bd14193afe18ef5b48f",
+    ("one file", "byte"): "sha256:7f7f5aa80520f89ca1431f84b9dbb15a27fa9708dd46eadf81d62c1dc012a16a",
+    ("one file", "bpe:300"): "sha256:12527685a17021b79af57f507b6a1913b74fa030d379672d19f52d8f2b5615da",
+}
+PINNED_BPE_TOKENIZER_SHA256 = "a7bdbb97fc1584b6c9800fa5295722f626d3d3e7df05b4404aa13afddc8e32b5"
+PINNED_WORDS = ("memory", "layer", "value", "key", "sparse", "naïve", "café", "東京", "🙂", "top-m", "router",
+                "scaling", "law", "<|endoftext|>", "token", "the", "of", "and", "a", "in")
+
+
+def pinned_corpus(root: Path) -> Path:
+    """24 text documents in three folders, and files that a folder read skips."""
+    for i in range(24):
+        words = [PINNED_WORDS[(i * 7 + j * j) % len(PINNED_WORDS)] for j in range(40 + 13 * i)]
+        lines = [" ".join(words[k:k + 9]) for k in range(0, len(words), 9)]
+        text = ("\r\n" if i % 5 == 0 else "\n").join(lines) + ("\n" if i % 3 else "")
+        path = root / f"part{i % 3}" / f"doc{i:02d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode())
+    (root / "blob.bin").write_bytes(b"\x89PNG\0\1")
+    (root / "part1" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (root / "part2" / "empty.txt").write_bytes(b"")
+    (root / ".hidden.txt").write_text("hidden")
+    return root
+
+
+@pytest.mark.parametrize("batch_bytes", [data.BATCH_BYTES, 100])
+@pytest.mark.parametrize("source,kind", PINNED_HASHES)
+def test_text_files_give_the_tokens_the_previous_code_gave(tmp_path, source, kind, batch_bytes):
+    root = pinned_corpus(tmp_path / "src")
+    sources = [root] if source == "folder" else [root / "part2" / "doc23.txt"]
+    meta = prepare(sources, tmp_path / "out", tokenizer=kind, val_fraction=0.1, seed=7, batch_bytes=batch_bytes)
+    assert meta["content_hash"] == PINNED_HASHES[source, kind]
+    if (source, kind) == ("folder", "bpe:300"):
+        tokenizer_json = (tmp_path / "out" / "tokenizer.json").read_bytes()
+        assert hashlib.sha256(tokenizer_json).hexdigest() == PINNED_BPE_TOKENIZER_SHA256
+
+
+def test_a_failed_prepare_leaves_a_previous_output_as_it_was(corpus, tmp_path):
+    out = tmp_path / "out"
+    prepare([corpus], out, tokenizer="bpe:300")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_file(corpus / "broken.jsonl.gz", b'{"text": "x"}\n' * 100)
+    (corpus / "broken.jsonl.gz").write_bytes((corpus / "broken.jsonl.gz").read_bytes()[:-9])
+    with pytest.raises(UserError, match="broken.jsonl.gz': corrupt or truncated .gz data"):
+        prepare([corpus], out)  # fails while reading
+    (corpus / "broken.jsonl.gz").unlink()
+    with pytest.raises(UserError, match="does not give back"):
+        prepare([corpus], out, tokenizer=lowercasing_tokenizer(tmp_path / "lower.json"))  # fails while writing
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,3 +28,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomic(path, broken)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]
+
+
+def test_a_write_that_fails_is_one_line_naming_the_file_and_the_cause(tmp_path):
+    from umv2cli.errors import UserError
+    from umv2cli.files import WriteError, make_dir
+
+    with pytest.raises(WriteError) as e:
+        write_atomic(tmp_path / "no-such-folder" / "results.parquet", b"x")
+    assert isinstance(e.value, UserError) and not e.value.disk_full
+    assert e.value.problems == [f"{tmp_path / 'no-such-folder' / 'results.parquet'}: cannot write (No such file or "
+                                "directory)"]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(WriteError, match="a-file/sub: cannot write \\(Not a directory\\)"):
+        make_dir(tmp_path / "a-file" / "sub")

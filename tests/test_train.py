@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -72,8 +73,8 @@ def test_sigterm_writes_a_checkpoint_before_exit_and_the_run_resumes(tmp_path):
 def test_a_diverging_run_stops_and_is_marked_failed_with_its_step(tmp_path):
     run = umv2("train", str(run_config(tmp_path, steps=20, lr=1e30, grad_clip=0.0)), "--out", str(tmp_path / "run"))
     assert run.wait(timeout=120) == 1
-    status = (tmp_path / "run" / "STATUS").read_text()
-    assert status.startswith("failed: non-finite") and status.strip().endswith("at step 2"), status
+    status = (tmp_path / "run" / "STATUS").read_text()  # the loss stays finite; the gradient norm is not
+    assert re.fullmatch(r"failed: non-finite gradient norm \((nan|inf)\) at step 2\n", status), status
     assert "non-finite" in run.stderr.read()
 
 
@@ -84,7 +85,7 @@ def test_a_run_writes_its_files_and_metrics(tmp_path):
     result = train(spec, tmp_path / "run", on_step=seen.append)
     assert result.status == "done" and result.step == 6 and len(seen) == 6
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert files == {"spec.json", "metrics.jsonl", "eval.json", "ckpt", "STATUS"}
+    assert files == {"LOCK", "spec.json", "metrics.jsonl", "eval.json", "ckpt", "STATUS"}
     assert json.loads((tmp_path / "run" / "spec.json").read_text()) == spec.to_dict()
     metrics = read_metrics(tmp_path / "run")
     assert {"step", "tokens", "lr", "train_loss", "grad_norm", "tokens_per_s"} <= metrics[0].keys()
@@ -173,3 +174,121 @@ def test_the_demo_run_finishes_in_under_two_minutes_and_says_where_its_results_a
     assert f"results in {tmp_path / 'demo'}" in run.stdout
     assert (tmp_path / "demo" / "STATUS").read_text() == "done\n"
     assert read_metrics(tmp_path / "demo")[-1]["train_loss"] < read_metrics(tmp_path / "demo")[0]["train_loss"] - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: the same held-out tokens for every run, and a bounded sample for layer health
+
+
+def test_two_runs_with_different_seeds_are_scored_on_the_same_held_out_tokens(tmp_path, monkeypatch):
+    """Every run of a sweep reads the same validation batches and memory-task samples whatever its training seed,
+    so seed-to-seed spread is training noise. (Drawn with the training seed, they differed from run to run.)"""
+    import torch
+
+    import umv2cli.data
+    import umv2cli.evals
+
+    seen: dict[str, list] = {}
+    get_batch, graded_hits = umv2cli.data.get_batch, umv2cli.evals.graded_hits
+
+    def batch(tokens, batch_size, seq_len, *, seed, index):
+        x, y = get_batch(tokens, batch_size, seq_len, seed=seed, index=index)
+        caller = sys._getframe(1).f_code.co_name  # `evaluate` reads validation batches, `train` training ones
+        seen.setdefault(caller, []).append(x)
+        return x, y
+
+    def hits(model, tokens_NT, answer_NT, batch_size=32):
+        seen.setdefault("tasks", []).append(tokens_NT.clone())
+        return graded_hits(model, tokens_NT, answer_NT, batch_size)
+
+    monkeypatch.setattr(umv2cli.data, "get_batch", batch)
+    monkeypatch.setattr(umv2cli.evals, "graded_hits", hits)
+    runs = []
+    for seed in (0, 1):
+        seen.clear()
+        spec = run_spec_from_dict({"model": "tiny-ultramemv2", "data": "builtin", "train": {
+            **FAST_TRAIN, "steps": 2, "eval_batches": 2, "task_samples": 4, "seed": seed}})
+        assert train(spec, tmp_path / f"seed{seed}").status == "done"
+        runs.append({k: list(v) for k, v in seen.items()})
+    first, second = runs
+    assert len(first["evaluate"]) == len(second["evaluate"]) == 2 and len(first["tasks"]) == 3  # 3 tasks
+    assert not all(torch.equal(a, b) for a, b in zip(first["train"], second["train"]))  # the seed orders training
+    for what in ("evaluate", "tasks"):
+        assert all(torch.equal(a, b) for a, b in zip(first[what], second[what], strict=True)), what
+
+
+def health_sample_bytes(memory_layers: int, d_model: int, tokens: int, bytes_per_value: int = 4) -> int:
+    """What layer health keeps to measure a model: `tokens` inputs of d_model values per UltraMemV2 layer (fp32 at
+    most). The number of eval batches and their size do not enter."""
+    return memory_layers * tokens * d_model * bytes_per_value
+
+
+def health_run(monkeypatch, eval_batches: int) -> tuple[list[int], int]:
+    """Evaluate a tiny UltraMemV2 model with HEALTH_TOKENS = 48 (eval batches of 4 × 32 = 128 tokens): the bytes of
+    the sample each memory layer's health reads, and the bytes of eval-batch inputs still alive when it does."""
+    import gc
+    import weakref
+
+    import torch
+
+    import umv2cli.model.ultramemv2 as ultramemv2
+    import umv2cli.train as training
+    from umv2cli.data import open_data
+    from umv2cli.model.transformer import build_model
+
+    monkeypatch.setattr(training, "HEALTH_TOKENS", 48)
+    spec = run_spec_from_dict({"model": "tiny-ultramemv2", "data": "builtin",
+                               "train": {**FAST_TRAIN, "eval_batches": eval_batches, "task_samples": 0}})
+    model = build_model(spec.model)
+    inputs, samples, pinned = [], [], []
+    for layer in model.sparse:  # sees every eval batch's input to each memory layer, without keeping it
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+    selection_health = ultramemv2.selection_health
+
+    def health(layer, u_BH):
+        gc.collect()
+        alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                 for t in (r() for r in inputs) if t is not None}
+        pinned.append(sum(alive.values()))
+        samples.append(u_BH.numel() * u_BH.element_size())
+        return selection_health(layer, u_BH)
+
+    monkeypatch.setattr(ultramemv2, "selection_health", health)
+    training.evaluate(model, open_data("builtin"), spec, torch.device("cpu"))
+    return samples, max(pinned)
+
+
+@pytest.mark.parametrize("eval_batches", [1, 3])
+def test_layer_health_reads_a_sample_of_health_tokens_whatever_the_number_of_eval_batches(monkeypatch,
+                                                                                         eval_batches):
+    samples, _ = health_run(monkeypatch, eval_batches)
+    cfg = run_spec_from_dict({"model": "tiny-ultramemv2", "data": "builtin", "train": FAST_TRAIN}).model
+    assert len(samples) == len(cfg.sparse_pairs()) and \
+        sum(samples) == health_sample_bytes(len(cfg.sparse_pairs()), cfg.d_model, 48)
+
+
+def test_layer_health_keeps_no_eval_batch_alive(monkeypatch):
+    _, pinned = health_run(monkeypatch, 3)
+    assert pinned == 0
+
+
+def test_layer_health_memory_at_the_paper_227m_recipe_is_bounded_by_accounting():
+    """At the paper-227m-cluster recipe's eval size (50 batches of 16 × 4096 tokens, d_model 768, 20 memory layers),
+    by accounting, not by allocating it: the kept sample is a few hundred MB and does not grow with eval_batches;
+    keeping every eval batch's inputs (as before) needed 200 GB, more than an H100 has."""
+    from umv2cli.config import UltraMemV2Config
+    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.recipe import load_recipe
+    from umv2cli.train import HEALTH_TOKENS
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "paper-227m-cluster.toml")
+    spec = next(run.spec for run in build_plan(recipe) if isinstance(run.spec.model.sparse, UltraMemV2Config))
+    layers, d_model = len(spec.model.sparse_pairs()), spec.model.d_model
+    batch_tokens = spec.train.batch_size * (spec.train.seq_len or spec.model.seq_len)
+    assert (layers, d_model, batch_tokens, spec.train.eval_batches) == (20, 768, 65_536, 50)
+    kept = health_sample_bytes(layers, d_model, min(HEALTH_TOKENS, spec.train.eval_batches * batch_tokens))
+    more_batches = 100 * spec.train.eval_batches * batch_tokens
+    assert kept == health_sample_bytes(layers, d_model, min(HEALTH_TOKENS, more_batches))
+    assert kept <= 256 * 2**20  # 240 MiB
+    every_batch = health_sample_bytes(layers, d_model, spec.train.eval_batches * batch_tokens)
+    assert every_batch > 80e9 and every_batch / kept == 800

@@ -5,12 +5,17 @@ iterations of `train.train` (data, forward, backward, clipping, optimizer, rank-
 metrics line) against a bare loop of forward/backward/step on the same batches, both after
 warm-up, on the same model, and reports the median step times and their ratio.
 
+`pack_throughput` answers "how many small runs should share a GPU?": it trains K copies of one run
+at once on one GPU, in the worker pool of `umv2 sweep run --runs-per-gpu K`, and counts the tokens
+of all of them per second while all of them train.
+
 `distributed_speed` answers "what does a run on N processes gain, and what does torch.distributed
 cost?": `umv2 train` under torchrun against the same run as one process without torch.distributed.
 `python -m umv2cli.bench dist …` runs it without the CLI's packages (the GPU image), and
 `python -m umv2cli.bench run DIR` is what torchrun starts in each process.
 """
 
+import os
 import statistics
 import tempfile
 import time
@@ -18,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from umv2cli.errors import UserError
 
 
 def bare_step_seconds(spec, steps: int) -> list[float]:
@@ -73,10 +80,12 @@ def train_overhead(preset: str, *, steps: int = 40, warmup: int = 5, batch_size:
 
 def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> dict:
     """Median wall time of reading and planning a side × side recipe (sparse_params × topm of
-    ultramemv2-227m: every run a distinct config whose table is sized, then matched), and of the
-    JSON `umv2 sweep plan --json` prints; imports and one small plan come first, untimed."""
+    ultramemv2-227m: every run a distinct config whose table is sized, then matched), and of what
+    `umv2 sweep plan` prints: the JSON of `--json`, the 80-column table, and the table with `--all`;
+    imports and one small plan come first, untimed."""
     import json
 
+    from umv2cli.cli.plan_table import plan_lines
     from umv2cli.sweeps.plan import build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
@@ -87,7 +96,7 @@ def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> 
         path = Path(tmp) / "grid.toml"
         path.write_text(text)
         build_plan(load_recipe(Path(__file__).parents[1] / "recipes" / "smoke.toml"))
-        times = {"load_s": [], "plan_s": [], "json_s": []}
+        times = {"load_s": [], "plan_s": [], "json_s": [], "table_s": [], "table_all_s": []}
         for _ in range(repeats):
             t0 = time.perf_counter()
             recipe = load_recipe(path)
@@ -96,10 +105,15 @@ def plan_seconds(side: int = 100, repeats: int = 3, match: str = "iso-flop") -> 
             t2 = time.perf_counter()
             json.dumps([run.row for run in runs], indent=2)
             t3 = time.perf_counter()
-            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            "\n".join(plan_lines([run.row for run in runs], "plan", 80))
+            t4 = time.perf_counter()
+            "\n".join(plan_lines([run.row for run in runs], "plan", 80, show_all=True))
+            t5 = time.perf_counter()
+            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 times[key].append(seconds)
     medians = {key: statistics.median(v) for key, v in times.items()}
-    return {"runs": len(runs), "match": match, **medians, "total_s": sum(medians.values())}
+    return {"runs": len(runs), "match": match, **medians,
+            "total_s": medians["load_s"] + medians["plan_s"] + medians["json_s"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +256,98 @@ def fit_seconds(resamples: int = 2000, seeds: int = 4, repeats: int = 3) -> dict
     run_fit_s, report = timed(lambda: fit.run_fit(runs, "loglinear", resamples, seed=0))
     return {"runs": len(runs.run_ids), "resamples": resamples, "bootstrap_s": boot_s, "run_fit_s": run_fit_s,
             "failed": int(np.isnan(boot[:, 0]).sum()), "R": report["R"], "R_ci": report["R_ci"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# pack: K small runs sharing one GPU, as `umv2 sweep run --runs-per-gpu K` places them
+
+
+PACK_TRAIN = {"steps": 1_000_000, "batch_size": 32, "seq_len": 128, "eval_batches": 1, "task_samples": 0}
+"""Training of the default packed run: the time limit ends it, long before its steps."""
+
+
+def pack_spec(recipe: Path | None, preset: str):
+    """The run to pack: the recipe's middle grid point at its first seed, else `preset` on the builtin
+    corpus (PACK_TRAIN)."""
+    import dataclasses
+
+    from umv2cli.config import run_spec_from_dict
+    from umv2cli.sweeps.plan import build_plan
+    from umv2cli.sweeps.recipe import load_recipe
+
+    if recipe is None:
+        return run_spec_from_dict({"model": preset, "data": "builtin", "train": PACK_TRAIN})
+    loaded = load_recipe(recipe)
+    middle = {axis: [value] for axis, value in loaded.middle().items()}
+    plan = build_plan(dataclasses.replace(loaded, grid=middle, seeds=loaded.seeds[:1], corner_seeds=()))
+    return next(run.spec for run in plan if not run.row.get("reference"))  # not a dense or MoE reference
+
+
+def pack_run(spec, run_dir: Path, meeting: Path, runs: int, seconds: float) -> dict:
+    """In a worker: train `spec`; after its first step, wait until all `runs` runs have had theirs
+    (each leaves a file in `meeting`), so that they train together from then on; stop it `seconds`
+    later as a stopping pool does (train's stop signal: a checkpoint, then it returns). The end time
+    and the tokens of every step after the first (from its metrics line), and the GPU memory it
+    reserved at most."""
+    import signal
+
+    from umv2cli.sweeps.workers import pool_stopping, stop_if_pool_stops
+    from umv2cli.train import train
+
+    steps: list[tuple[float, int]] = []
+
+    def on_step(line: dict) -> None:
+        stop_if_pool_stops(line)
+        if not steps:  # the first step (Triton compiles here): meet the other runs
+            (meeting / run_dir.name).touch()
+            while len(list(meeting.iterdir())) < runs and not pool_stopping():
+                time.sleep(0.01)
+        steps.append((time.time(), line["tokens"]))
+        if steps[-1][0] - steps[0][0] >= seconds:
+            signal.raise_signal(signal.SIGTERM)
+
+    train(spec, run_dir, on_step=on_step)
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_initialized() else 0
+    return {"steps": steps, "gpu_reserved_gb": reserved / 1e9}
+
+
+def overlap_throughput(runs: list[list[tuple[float, int]]], warmup: float) -> dict:
+    """Tokens/s of runs trained at once: the tokens of the steps that all of them ended in the
+    window where every run was training and past its first `warmup` seconds, over that window."""
+    start = max(steps[0][0] for steps in runs) + warmup
+    end = min(steps[-1][0] for steps in runs)
+    if end <= start:
+        raise UserError(f"the runs trained together for {end - start + warmup:.1f} s only, not past a {warmup} s "
+                        "warm-up; raise --seconds")
+    tokens = sum(b[1] - a[1] for steps in runs for a, b in zip(steps, steps[1:]) if start < b[0] <= end)
+    return {"window_s": end - start, "tokens": tokens, "tokens_per_s": tokens / (end - start)}
+
+
+def pack_throughput(spec, runs_per_gpu: list[int], gpu: str, seconds: float = 20, warmup: float = 2) -> list[dict]:
+    """For each K of `runs_per_gpu`: K copies of `spec` (seeds 0 … K-1) trained at once on `gpu` by a
+    pool of K workers placed as `umv2 sweep run --runs-per-gpu K` places them; their tokens/s in all
+    (`overlap_throughput`), per run, and against K = 1 (the first K), and their GPU memory."""
+    import dataclasses
+
+    from umv2cli.sweeps.workers import WorkerPool, first_done, plan_workers
+
+    rows = []
+    for k in runs_per_gpu:
+        specs = [dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=seed)) for seed in range(k)]
+        with tempfile.TemporaryDirectory() as tmp, WorkerPool(plan_workers([gpu], os.sched_getaffinity(0), k)) as pool:
+            (Path(tmp) / "meeting").mkdir()
+            futures = [pool.submit(pack_run, s, Path(tmp) / f"run{i}", Path(tmp) / "meeting", k, seconds)
+                       for i, s in enumerate(specs)]
+            waiting = set(futures)
+            while waiting:  # in ticks, so that Ctrl-C stops the pool
+                waiting -= first_done(waiting)
+            runs = [future.result() for future in futures]
+        row = {"runs_per_gpu": k, **overlap_throughput([r["steps"] for r in runs], warmup),
+               "gpu_reserved_gb": max(r["gpu_reserved_gb"] for r in runs)}
+        row["tokens_per_s_per_run"] = row["tokens_per_s"] / k
+        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"] if rows else 1.0
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

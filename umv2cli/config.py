@@ -56,7 +56,7 @@ def parse_placement(placement: str, n_layers: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class UltraMemV2Config:
-    """UltraMemV2 memory layer (arXiv 2508.18756 §3; paper-notes §1). Defaults: the 227M/1.2B row
+    """UltraMemV2 memory layer (arXiv 2508.18756 §3; docs/fidelity.md §2). Defaults: the 227M/1.2B row
     of Table 10."""
 
     kind: Literal["ultramemv2"] = "ultramemv2"
@@ -85,7 +85,7 @@ class UltraMemV2Config:
     1 = no sharing. Keys per side grow to isqrt(g·n²)."""
     shared_rank_query: bool = False
     """True reproduces the official code: one row and one column query shared by all ranks
-    (paper-notes §9.3). False: per-side, per-rank queries as the paper states."""
+    (docs/fidelity.md §9.3). False: per-side, per-rank queries as the paper states."""
     pre_value_act: Literal["none", "gelu"] = "none"
     """Activation on the pre-value neuron z (eq. 15: none; the code's mem_use_glu_act: GELU)."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -116,7 +116,7 @@ class UltraMemV2Config:
 
     @property
     def window_knum(self) -> int:
-        """Keys per side of one layer's window before key expansion: isqrt(g·n²) (paper-notes §1.5)."""
+        """Keys per side of one layer's window before key expansion: isqrt(g·n²) (docs/fidelity.md §2.4)."""
         return math.isqrt(self.share_layers * self.knum**2)
 
     @property
@@ -212,7 +212,7 @@ class PEERConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Fine-grained mixture of SwiGLU experts, top-k routing, dropless (OLMoE; paper-notes §2.3)."""
+    """Fine-grained mixture of SwiGLU experts, top-k routing, dropless (OLMoE; docs/fidelity.md §8.5)."""
 
     kind: Literal["moe"] = "moe"
     n_experts: int = 64
@@ -222,9 +222,14 @@ class MoEConfig:
     shared_expert_hidden: int = 0
     """Inner width of an always-on shared expert; 0 = none."""
     lb_coef: float = 0.01
-    """Load-balance loss weight (OLMoE: 0.01)."""
+    """Load-balance loss weight (OLMoE: 0.01), on the mean of the layers' losses (OLMoE's code)."""
     z_coef: float = 0.001
-    """Router z-loss weight (OLMoE: 0.001)."""
+    """Router z-loss weight (OLMoE: 0.001), on the mean of the layers' z-losses divided by topk, as
+    OLMoE's code applies it."""
+    experts: Literal["auto", "grouped", "loop"] = "auto"
+    """How the routed experts run: one grouped GEMM per projection (`torch._grouped_mm` on CUDA),
+    or a loop of one matmul per expert (the reference); "auto" = grouped on CUDA when d_model and
+    expert_hidden are multiples of 8, the loop otherwise. Both train the same model."""
     placement: str = "all"
     replace_ffn: bool = True
 
@@ -272,7 +277,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init: InitScheme = "paper"
     """`paper`: App. A (small init, eq. 26 value std, calibrated norm weights);
-    `official`: the official code's choices (paper-notes §2.2)."""
+    `official`: the official code's choices (docs/fidelity.md §3.2)."""
     sparse: SparseConfig | None = None
 
     def __post_init__(self) -> None:
@@ -329,9 +334,13 @@ def _placement_problems(sparse: SparseConfig, n_layers: int) -> list[str]:
 # a training run
 
 
+MAX_SEED = 2**63
+"""Seeds are below this: numpy and torch seed with 64-bit integers."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """How one run trains (paper-notes §2.3 for the defaults that come from the official code)."""
+    """How one run trains (docs/fidelity.md §4 for the defaults that come from the official code)."""
 
     steps: int = 1000
     """Optimizer steps."""
@@ -352,7 +361,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final lr / peak lr (the official code's alpha_f = 0.1)."""
     weight_decay: float = 0.1
-    """AdamW weight decay, on every parameter as in the official code (paper-notes §9.18)."""
+    """AdamW weight decay, on every parameter as in the official code (docs/fidelity.md §9.18)."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -393,13 +402,18 @@ class TrainConfig:
                     if getattr(self, n) <= 0]
         if self.seq_len is not None and self.seq_len <= 0:
             problems.append(f"train.seq_len={self.seq_len}: must be positive (or omitted for the model's)")
+        problems += [f"train.{n}={getattr(self, n)}: must be a finite number"
+                     for n in ("lr", "value_lr_mult", "grad_clip", "weight_decay")
+                     if not math.isfinite(getattr(self, n))]
         problems += [f"train.{n}={getattr(self, n)}: must be ≥ 0"
                      for n in ("eval_every", "ckpt_every", "task_samples", "grad_clip", "weight_decay")
                      if getattr(self, n) < 0]
         problems += [f"train.{n}={getattr(self, n)}: must be in [0, 1)"
-                     for n in ("warmup", "cooldown", "min_lr_ratio") if not 0 <= getattr(self, n) < 1]
+                     for n in ("warmup", "cooldown", "min_lr_ratio", "beta1", "beta2") if not 0 <= getattr(self, n) < 1]
         if self.lr <= 0 or self.value_lr_mult <= 0:
             problems.append("train.lr and train.value_lr_mult: must be positive")
+        if not 0 <= self.seed < MAX_SEED:
+            problems.append(f"train.seed={self.seed}: must be in [0, 2^63)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"train.device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         _raise(problems)

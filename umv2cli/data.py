@@ -1,6 +1,7 @@
-"""Token data: text files → token shards (`prepare`), shards → batches (`open_data`, `get_batch`).
+"""Token data: text → token shards (`prepare`), shards → batches (`open_data`, `get_batch`).
 
-`prepare(sources, out)` reads text files and folders and writes, into the folder `out`:
+`prepare(sources, out)` reads text files, .jsonl and Parquet files (compressed or not) and folders of
+them, and writes, into the folder `out`:
 
     train.bin, val.bin   flat token ids, nanoGPT's layout: np.uint16 when the vocab fits in 65,536
                          ids, else np.uint32 (`token_dtype`); <|endoftext|> between documents
@@ -11,12 +12,40 @@
 Every file goes to a temporary name in `out` and is renamed into place, so a reader never sees half a
 file. Runs are deterministic: the same inputs give byte-identical files (meta.json holds no time).
 
-What counts as a document: each file is one document. A file named as a source must be UTF-8 text.
-In a folder (read recursively, in sorted path order) every file is a candidate whatever its suffix,
-except hidden entries (name starts with ".", e.g. .git/) and the output folder itself; a file is
-skipped as binary if its first 8 KiB hold a NUL byte (git's rule) or it is not valid UTF-8, and an
-empty file is skipped. meta.json lists the skipped files and why. Text is kept byte for byte (no
-newline or Unicode normalization), so decoding gives back the exact file.
+What counts as a document. A source is a file or a folder; a folder is read recursively, in sorted
+path order, leaving out hidden entries (name starts with ".", e.g. .git/) and the output folder. A
+file's name says how it is read:
+
+    NAME.jsonl           one JSON object a line (blank lines are passed over); each record's text
+                         field (`text_column`, default "text") is a document, named PATH:LINE
+    NAME.parquet         each row's `text_column`, a string column, is a document, named PATH:ROW
+                         (counted from 1); read PARQUET_ROWS rows at a time
+    NAME.gz, NAME.zst    decompressed while read (gzip; Zstandard), then read as the rest of the name
+                         says: x.jsonl.gz, x.txt.zst, x.gz (Parquet compresses inside: no x.parquet.gz);
+                         x.json.gz and x.json.zst are JSON lines, as Dolma and OLMo-mix name their
+                         shards (a plain x.json is a text file)
+    any other name       a text file: the whole file is one document, named by its path
+
+Text is kept byte for byte (no newline or Unicode normalization), so decoding gives back the exact
+file or field.
+
+What is skipped and what is an error. A text file found in a folder is skipped if it is binary (a
+NUL byte in its first 8 KiB, git's rule), not valid UTF-8, or empty; named as a source, such a file
+is an error. A record file (.jsonl, .parquet) or a compressed file must be what its name says
+wherever it is: a corrupt or truncated .gz/.zst, a line that is not a JSON object or not UTF-8, a
+record without the text field or with one that is not a string, a Parquet file that cannot be read
+or whose column is missing or not text are errors; so is an empty record file named as a source (in
+a folder it is skipped). Records whose text is empty, null or not UTF-8 (a JSON-escaped lone
+surrogate) are skipped, counted per file. meta.json "skipped" lists what was skipped and why. An
+error names the file (and the line or row) and the fix, and leaves `out` as it was.
+
+Streaming. `prepare` reads the sources one document at a time, twice (three times for bpe:VOCAB):
+first to check every file and measure each document (its UTF-8 bytes, for the split), then (bpe
+only) to train the tokenizer on the train documents as they stream by (the trainer keeps a count per
+distinct word), then to tokenize batches of about `batch_bytes` of text and append them to the
+shards. Memory holds one document, one batch and its encodings (under 100 MB at the default 1 MiB),
+some 30 bytes per document for the split, and the names of the val documents that meta.json lists;
+never the corpus's text or token ids, so a corpus larger than memory works.
 
 Tokenizers: ``byte`` (UTF-8 bytes 0–255, <|endoftext|> = 256, vocab 257, no files);
 ``bpe:VOCAB`` (a byte-level BPE trained here with HF `tokenizers` on the train documents, VOCAB ids
@@ -32,7 +61,10 @@ read-only memmaps of both splits plus the tokenizer. `get_batch` draws (x, y) as
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,10 +73,12 @@ import platform
 import shutil
 import sysconfig
 import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -59,6 +93,10 @@ EOT = "<|endoftext|>"
 BYTE_VOCAB = 257  # 256 byte values + <|endoftext|>
 OUTPUT_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 SNIFF_BYTES = 8192  # git's rule: a NUL byte in the first 8 KiB means binary
+RECORD_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}  # any other name is a text file
+COMPRESSIONS = {".gz": "gzip -t", ".zst": "zstd -t"}  # suffix → the command that checks such a file
+PARQUET_ROWS = 1024  # rows read from a Parquet file at once
+BATCH_BYTES = 1 << 20  # text tokenized at once by `prepare`; HF keeps ~50× as much per batch in its encodings
 CHECK_TOKENS = 1 << 20  # open_data range-checks this many ids at each end of a shard
 GPT2_VOCAB, GPT2_EOT = 50257, 50256  # a nanoGPT folder without meta.pkl holds GPT-2 ids
 EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "[SEP]")  # looked for in a given tokenizer.json
@@ -72,47 +110,48 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# sources → documents
+# sources → input files
 
 
-class Document(NamedTuple):
+class Input(NamedTuple):
+    """One file to read, as its name says (see the module docstring)."""
+
     path: Path
-    text: str
+    format: str  # "text" | "jsonl" | "parquet"
+    compression: str | None  # ".gz" | ".zst" | None
+    named: bool  # named as a source (must be valid) or found in a folder (a bad text file is skipped)
+    size: int  # bytes on disk, for the progress bar
 
 
-def find_documents(sources: list[Path], *, exclude: Path | None = None) -> tuple[list[Document], list[dict]]:
-    """Read the text documents under `sources` (see the module docstring for what counts as text).
-    Returns the documents in order (each file once) and the skipped files as {path, reason}."""
+def find_inputs(sources: list[Path], *, exclude: Path | None = None) -> list[Input]:
+    """The files under `sources`, each once, in order: a named file as given, a folder's files in
+    sorted relative path order (hidden entries and `exclude` left out)."""
     if not sources:
-        raise UserError("sources: none given; pass at least one text file or folder")
-    docs, skipped, seen = [], [], set()
+        raise UserError("sources: none given; pass at least one file or folder")
+    inputs, seen = [], set()
     for source in map(Path, sources):
         if not source.exists():
             raise UserError(f"source '{source}': no such file or folder; check the path")
-        if source.is_file():
-            text, reason = _read_text(source)
-            if reason == "empty":
-                skipped.append({"path": str(source.resolve()), "reason": reason})
-            elif reason:
-                raise UserError(f"source '{source}': {reason}, not UTF-8 text; pass text files "
-                                "(convert other encodings first, e.g. iconv -f cp1252 -t utf-8)")
-            elif source.resolve() not in seen:
-                seen.add(source.resolve())
-                docs.append(Document(source.resolve(), text))
-            continue
-        for path in _files_under(source, exclude):
-            if path in seen:
-                continue
-            seen.add(path)
-            text, reason = _read_text(path)
-            if reason:
-                skipped.append({"path": str(path), "reason": reason})
-            else:
-                docs.append(Document(path, text))
-    if not docs:
-        raise UserError(f"sources {', '.join(map(str, sources))}: no text found "
-                        f"({len(skipped)} files skipped as binary, non-UTF-8 or empty); pass UTF-8 text files")
-    return docs, skipped
+        named = source.is_file()
+        for path in [source.resolve()] if named else _files_under(source, exclude):
+            if path not in seen:
+                seen.add(path)
+                inputs.append(_input(path, named))
+    return inputs
+
+
+def _input(path: Path, named: bool) -> Input:
+    name = path.name.lower()
+    compression = next((c for c in COMPRESSIONS if name.endswith(c)), None)
+    inner = Path(name[: -len(compression)] if compression else name).suffix
+    fmt = RECORD_FORMATS.get(inner, "text")
+    if inner == ".json" and compression:  # Dolma and OLMo-mix shards: JSON lines named x.json.gz, x.json.zst
+        fmt = "jsonl"
+    if fmt == "parquet" and compression:
+        undo = "zstd -d" if compression == ".zst" else "gunzip"
+        raise UserError(f"source '{path}': a Parquet file compresses its columns itself and is not read "
+                        f"through {compression}; decompress it first ({undo} FILE)")
+    return Input(path, fmt, compression, named, path.stat().st_size)
 
 
 def _files_under(folder: Path, exclude: Path | None) -> list[Path]:
@@ -127,9 +166,77 @@ def _files_under(folder: Path, exclude: Path | None) -> list[Path]:
     return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _read_text(path: Path) -> tuple[str, str | None]:
+# ----------------------------------------------------------------------------------------------
+# input files → documents
+
+
+class Document(NamedTuple):
+    name: str  # the file's path; PATH:LINE for a .jsonl record, PATH:ROW for a Parquet row
+    text: str
+
+
+def read_documents(inputs: list[Input], text_column: str = "text", *, skipped: list[dict] | None = None,
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[Document]:
+    """The documents of `inputs`, one at a time, in order. What is skipped is appended to `skipped` as
+    {path, reason}, with "records": how many, for the records skipped in a .jsonl or Parquet file.
+    `on_bytes(n)` hears how many bytes of the inputs (as on disk) have been read, at least every MiB
+    and at the end of each file."""
+    done, told = 0, -1
+    for inp in inputs:
+        for doc, at in _documents_in(inp, text_column, skipped):
+            if on_bytes and done + at - told >= 1 << 20:
+                on_bytes(told := done + at)
+            yield doc
+        done += inp.size
+        if on_bytes:
+            on_bytes(told := done)
+
+
+def _documents_in(inp: Input, text_column: str, skipped: list[dict] | None) -> Iterator[tuple[Document, int]]:
+    """(document, bytes of the file read so far) for each document of one input."""
+    if inp.format == "text":
+        text, reason = _read_text(inp)
+        if reason == "empty" and inp.named:
+            raise UserError(f"source '{inp.path}': empty; remove it from the sources")
+        if reason and inp.named:
+            raise UserError(f"source '{inp.path}': {reason}, not UTF-8 text; pass text files "
+                            "(convert other encodings first, e.g. iconv -f cp1252 -t utf-8)")
+        if reason and skipped is not None:
+            skipped.append({"path": str(inp.path), "reason": reason})
+        if not reason:
+            yield Document(str(inp.path), text), inp.size
+        return
+    records = _jsonl_records if inp.format == "jsonl" else _parquet_records
+    found, skips = 0, {}
+    for n, text, at in records(inp, text_column):
+        if problem := _record_problem(text, text_column):
+            skips[problem] = skips.get(problem, 0) + 1
+        else:
+            found += 1
+            yield Document(f"{inp.path}:{n}", text), at
+    if not found and not skips and inp.named:
+        raise UserError(f"source '{inp.path}': empty, no records; remove it from the sources")
+    if skipped is not None:
+        skipped += [{"path": str(inp.path), "reason": why, "records": count} for why, count in skips.items()]
+        skipped += [{"path": str(inp.path), "reason": "empty"}] if not found and not skips else []
+
+
+def _record_problem(text: str | None, text_column: str) -> str | None:
+    """Why a record's text is no document, or None. JSON can escape a lone surrogate (\\ud800), which
+    is no UTF-8."""
+    if not text:
+        return f"empty or null '{text_column}'"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return f"'{text_column}' holds a lone surrogate, not UTF-8"
+    return None
+
+
+def _read_text(inp: Input) -> tuple[str, str | None]:
     """(text, None) for a UTF-8 text file, else ("", why it is not one)."""
-    with open(path, "rb") as f:
+    with _open(inp) as (f, _):
         head = f.read(SNIFF_BYTES)
         if b"\0" in head:
             return "", "binary (NUL byte)"
@@ -142,6 +249,115 @@ def _read_text(path: Path) -> tuple[str, str | None]:
         return "", f"invalid UTF-8 at byte {e.start}"
 
 
+def _jsonl_records(inp: Input, text_column: str) -> Iterator[tuple[int, str | None, int]]:
+    """(line number, the record's text or None, bytes read) for each non-blank line."""
+    with _open(inp) as (f, raw):
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"source '{inp.path}' line {n}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: invalid UTF-8 at byte {e.start} of the line; "
+                                "a .jsonl file must be UTF-8 JSON, one object a line") from None
+            except ValueError as e:
+                raise UserError(f"{where}: not JSON ({e}); a .jsonl file holds one JSON object a line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: a JSON {type(record).__name__}, not an object; "
+                                "a .jsonl file holds one JSON object a line")
+            yield n, _text_field(record, text_column, where), raw.tell()
+
+
+def _text_field(record: dict, text_column: str, where: str) -> str | None:
+    if text_column not in record:
+        fields = ", ".join(list(record)[:8]) or "none"
+        raise UserError(f"{where}: no '{text_column}' field (fields: {fields}); "
+                        "name the text field with --text-column")
+    text = record[text_column]
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"{where}: '{text_column}' is a JSON {type(text).__name__}, not a string; "
+                        "name the text field with --text-column")
+    return text
+
+
+def _parquet_records(inp: Input, text_column: str) -> Iterator[tuple[int, str | None, int]]:
+    """(row number from 1, the row's text or None, bytes read, pro rata) for each row."""
+    import polars as pl
+
+    where = f"source '{inp.path}'"
+    try:
+        schema = pl.read_parquet_schema(inp.path)
+        if text_column not in schema:
+            raise UserError(f"{where}: no column '{text_column}' (columns: {', '.join(list(schema)[:8])}); "
+                            "name the text column with --text-column")
+        if schema[text_column] != pl.String:
+            raise UserError(f"{where}: column '{text_column}' holds {schema[text_column]}, not text; "
+                            "name a string column with --text-column")
+        rows = pl.scan_parquet(inp.path).select(pl.len()).collect().item()
+        for start in range(0, rows, PARQUET_ROWS):
+            batch = pl.scan_parquet(inp.path).select(text_column).slice(start, PARQUET_ROWS).collect()
+            for n, text in enumerate(batch.to_series().to_list(), start + 1):
+                yield n, text, inp.size * n // rows
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"{where}: not a readable Parquet file ({str(e).splitlines()[0]}); "
+                        "re-download or re-write it") from None
+
+
+@contextlib.contextmanager
+def _open(inp: Input) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """(the decompressed bytes, the file on disk) of one input. A corrupt or truncated .gz/.zst is a
+    `UserError` naming the file and the command that checks it."""
+    with open(inp.path, "rb") as raw:
+        if inp.compression is None:
+            yield raw, raw
+            return
+        stream = gzip.GzipFile(fileobj=raw) if inp.compression == ".gz" else io.BufferedReader(_ZstdReader(raw))
+        try:
+            yield stream, raw
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile and _ZstdReader's errors are OSErrors
+            raise UserError(f"source '{inp.path}': corrupt or truncated {inp.compression} data ({e}); "
+                            f"check it with `{COMPRESSIONS[inp.compression]} FILE` and fetch it again") from None
+
+
+class _ZstdReader(io.RawIOBase):
+    """Zstandard frames, one after another, decompressed. A stream that ends inside a frame raises
+    EOFError (the zstandard package's own stream_reader returns short data there without a word);
+    bytes that are not zstd raise OSError."""
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+
+        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame, self._out, self._at = None, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            chunk = self._raw.read(1 << 14)  # so that one call's output stays small even at high ratios
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._at = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        pieces = []
+        try:
+            while chunk:
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._dctx.decompressobj()
+                pieces.append(self._frame.decompress(chunk))
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        except self._error as e:
+            raise OSError(str(e)) from None
+        return b"".join(pieces)
 # ----------------------------------------------------------------------------------------------
 # tokenizers
 
@@ -174,8 +390,9 @@ def parse_tokenizer_spec(spec: str) -> TokenizerSpec:
     raise UserError(f"tokenizer '{spec}': unknown; use byte, bpe:VOCAB (e.g. bpe:4096) or PATH/tokenizer.json")
 
 
-def _train_bpe(texts: list[str], vocab: int):
-    """A byte-level BPE (GPT-2's pre-tokenizer, no normalizer) with <|endoftext|> as id 0."""
+def _train_bpe(texts: Iterable[str], vocab: int):
+    """A byte-level BPE (GPT-2's pre-tokenizer, no normalizer) with <|endoftext|> as id 0, trained on
+    `texts` as they stream by (the trainer keeps word counts, not the texts)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -212,16 +429,15 @@ def _eot_id(tok, path: Path) -> int:
 # the split
 
 
-def split_documents(sizes: list[int], val_fraction: float, seed: int) -> list[bool]:
-    """Which documents go to val (True). Documents are shuffled by numpy PCG64(seed); val takes them
-    in that order until it holds ≥ val_fraction of all bytes: at least one, leaving one for train.
-    Sizes are UTF-8 bytes, so the split is the same whatever the tokenizer."""
-    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(sizes))
-    is_val, held, target = [False] * len(sizes), 0, val_fraction * sum(sizes)
-    for i in order[: len(sizes) - 1]:
-        if held >= target:
-            break
-        is_val[i], held = True, held + sizes[i]
+def split_documents(sizes: Iterable[int] | np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Which documents go to val (a bool per document). Documents are shuffled by numpy PCG64(seed);
+    val takes them in that order until it holds ≥ val_fraction of all bytes: at least one, leaving one
+    for train. Sizes are UTF-8 bytes, so the split is the same whatever the tokenizer."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(sizes))[: len(sizes) - 1]
+    held_before = np.cumsum(sizes[order]) - sizes[order]  # what val holds when each document comes up
+    is_val = np.zeros(len(sizes), dtype=bool)
+    is_val[order[held_before < val_fraction * int(sizes.sum())]] = True  # a prefix of `order`
     return is_val
 
 
@@ -232,110 +448,193 @@ def _split_rule(val_fraction: float, seed: int) -> str:
             f"is split by tokens instead: val = its last ceil({val_fraction:g} x tokens)")
 
 
-def _join(arrays: list[np.ndarray], eot_id: int) -> np.ndarray:
-    """doc0 EOT doc1 EOT … docN (no EOT at either end)."""
-    eot = np.array([eot_id], dtype=arrays[0].dtype)
-    return np.concatenate([p for a in arrays for p in (eot, a)][1:])
-
-
 # ----------------------------------------------------------------------------------------------
 # prepare
 
 
-def prepare(sources: list[Path], out: Path, *, tokenizer: str = "byte", val_fraction: float = 0.05,
-            seed: int = 0) -> dict:
-    """Tokenize the text under `sources` into `out`/train.bin, val.bin and meta.json; return the meta.
+def prepare(sources: list[Path], out: Path, *, tokenizer: str = "byte", text_column: str = "text",
+            val_fraction: float = 0.05, seed: int = 0, batch_bytes: int = BATCH_BYTES,
+            progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Tokenize the documents under `sources` into `out`/train.bin, val.bin and meta.json; return the meta.
 
-    Everything is checked before anything is written: a bad argument raises `UserError` and leaves
-    `out` as it was. `out` must be new, empty, or a previous `prepare` output (then overwritten).
-    Memory: the corpus text and its token ids are held in memory at once.
+    Every argument and every input file is checked before anything is written: a bad one raises
+    `UserError` and leaves `out` as it was. `out` must be new, empty, or a previous `prepare` output
+    (then overwritten). `batch_bytes` of text are tokenized at once (the output does not depend on
+    it). `progress(stage, done, total)` hears, for each pass over the sources ("reading", "training
+    BPE", "tokenizing"), how many of their bytes on disk have been read.
     """
     out = Path(out)
     if isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction}: must lie strictly between 0 and 1; e.g. 0.05")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed={seed}: must be a whole number ≥ 0")
+    if not text_column:
+        raise UserError("text_column: empty; name the text field of the .jsonl/Parquet records, e.g. text")
     spec = parse_tokenizer_spec(tokenizer)
+    given = None if spec.kind == "bpe" else _encoder(spec)  # a bad tokenizer.json fails before any reading
     _check_out_dir(out)
-    docs, skipped = find_documents(list(sources), exclude=out)
-    is_val = split_documents([len(d.text.encode()) for d in docs], val_fraction, seed)
-    tokenized = _tokenize(docs, is_val, spec)
-    train, val = _split_tokens(docs, tokenized, is_val, val_fraction)
+    inputs = find_inputs(list(sources), exclude=out)
+    total = sum(i.size for i in inputs)
+
+    def read(stage: str, skipped: list[dict] | None = None) -> Iterator[Document]:
+        on_bytes = (lambda n: progress(stage, n, total)) if progress else None
+        return read_documents(inputs, text_column, skipped=skipped, on_bytes=on_bytes)
+
+    skipped: list[dict] = []
+    sizes = np.fromiter((len(d.text.encode()) for d in read("reading", skipped)), dtype=np.int64)
+    if not len(sizes):
+        raise UserError(f"sources {', '.join(map(str, sources))}: no text found ({len(skipped)} files skipped "
+                        "as binary, non-UTF-8 or empty); pass UTF-8 text files, .jsonl or Parquet")
+    is_val = split_documents(sizes, val_fraction, seed)
+    encoder = given or _encoder(spec, lambda: (d.text for d, v in zip(read("training BPE"), is_val) if not v))
+    shards = _write_shards(out, read("tokenizing"), sizes, is_val, encoder, val_fraction, batch_bytes)
 
     meta = {
         "format": FORMAT,
         "tokenizer": {"kind": spec.kind, "spec": tokenizer if spec.kind != "file" else str(spec.path),
-                      "path": "tokenizer.json" if tokenized.tokenizer_json else None},
-        "vocab_size": tokenized.vocab_size,
-        "dtype": train.dtype.name,
-        "eot_id": tokenized.eot_id,
-        "tokens": {"train": len(train), "val": len(val)},
-        "documents": {"train": len(docs) - sum(is_val), "val": sum(is_val)},  # one document: {1, 0}
+                      "path": "tokenizer.json" if encoder.tokenizer_json else None},
+        "vocab_size": encoder.vocab_size,
+        "dtype": token_dtype(encoder.vocab_size).name,
+        "eot_id": encoder.eot_id,
+        "tokens": {"train": shards.train_tokens, "val": shards.val_tokens},
+        "documents": {"train": len(sizes) - len(shards.val_documents), "val": len(shards.val_documents)},
         "val_fraction": val_fraction,
         "seed": seed,
         "split": _split_rule(val_fraction, seed),
         "sources": [str(Path(s).resolve()) for s in sources],
-        "val_documents": [str(d.path) for d, v in zip(docs, is_val) if v],
+        "text_column": text_column,
+        "val_documents": shards.val_documents,
         "skipped": skipped,
-        "content_hash": _content_hash(train, val),
+        "content_hash": _content_hash(out / "train.bin", out / "val.bin"),
         "content_hash_of": "sha256 of the train.bin bytes followed by the val.bin bytes",
     }
-    _write_outputs(out, train, val, tokenized.tokenizer_json, meta)
+    if encoder.tokenizer_json is not None:
+        write_atomic(out / "tokenizer.json", encoder.tokenizer_json)
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    if encoder.tokenizer_json is None:
+        (out / "tokenizer.json").unlink(missing_ok=True)
     return meta
 
 
-class Tokenized(NamedTuple):
-    ids: list[np.ndarray]  # one array per document, in token_dtype(vocab_size)
+class Encoder(NamedTuple):
+    encode: Callable[[list[Document]], list[np.ndarray]]  # documents → their ids, in token_dtype(vocab_size)
     vocab_size: int
     eot_id: int
-    tokenizer_json: bytes | None  # what DIR/tokenizer.json gets (None for byte)
+    tokenizer_json: bytes | None  # what OUT/tokenizer.json gets (None for byte)
 
 
-def _tokenize(docs: list[Document], is_val: list[bool], spec: TokenizerSpec) -> Tokenized:
-    """Encode every document; bpe trains on the train documents first."""
+def _encoder(spec: TokenizerSpec, train_texts: Callable[[], Iterable[str]] | None = None) -> Encoder:
+    """The tokenizer of `spec`; bpe trains on `train_texts()` first."""
     if spec.kind == "byte":
         dtype = token_dtype(BYTE_VOCAB)
-        ids = [np.frombuffer(d.text.encode(), np.uint8).astype(dtype) for d in docs]
-        return Tokenized(ids, BYTE_VOCAB, BYTE_VOCAB - 1, None)
+        return Encoder(lambda docs: [np.frombuffer(d.text.encode(), np.uint8).astype(dtype) for d in docs],
+                       BYTE_VOCAB, BYTE_VOCAB - 1, None)
     if spec.kind == "bpe":
-        tok = _train_bpe([d.text for d, v in zip(docs, is_val) if not v], spec.vocab)
+        tok = _train_bpe(train_texts(), spec.vocab)
         tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document stays text
         tok_json, eot_id = tok.to_str().encode(), tok.token_to_id(EOT)
     else:
         tok = _load_tokenizer_file(spec.path)
         tok_json, eot_id = spec.path.read_bytes(), _eot_id(tok, spec.path)
     dtype = token_dtype(tok.get_vocab_size())
-    ids = [np.array(e.ids, dtype=dtype) for e in tok.encode_batch([d.text for d in docs], add_special_tokens=False)]
-    if spec.kind == "file":
-        _check_round_trip(tok, docs, ids, spec.path)
-    return Tokenized(ids, tok.get_vocab_size(), eot_id, tok_json)
 
+    def encode(docs: list[Document]) -> list[np.ndarray]:
+        encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
+        ids = [np.array(e.ids, dtype=dtype) for e in encodings]
+        if spec.kind == "file":
+            _check_round_trip(tok, docs, ids, spec.path)
+        return ids
 
-def _split_tokens(docs: list[Document], tokenized: Tokenized, is_val: list[bool],
-                  val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) token arrays: whole documents, or a single document's tail as val."""
-    ids, eot_id = tokenized.ids, tokenized.eot_id
-    if len(docs) > 1:
-        return (_join([a for a, v in zip(ids, is_val) if not v], eot_id),
-                _join([a for a, v in zip(ids, is_val) if v], eot_id))
-    n_val = math.ceil(val_fraction * len(ids[0]))
-    if len(ids[0]) - n_val < 1:
-        raise UserError(f"source '{docs[0].path}': {len(ids[0])} tokens are too few to split into train "
-                        "and val; pass more text")
-    return ids[0][:-n_val], ids[0][-n_val:]
+    return Encoder(encode, tok.get_vocab_size(), eot_id, tok_json)
 
 
 def _check_round_trip(tok, docs: list[Document], ids: list[np.ndarray], path: Path) -> None:
-    for doc, a in zip(docs, ids):
-        if tok.decode(a.tolist(), skip_special_tokens=False) != doc.text:
-            raise UserError(f"tokenizer '{path}': decoding does not give back '{doc.path}' exactly "
+    for doc, text in zip(docs, tok.decode_batch([a.tolist() for a in ids], skip_special_tokens=False)):
+        if text != doc.text:
+            raise UserError(f"tokenizer '{path}': decoding does not give back '{doc.name}' exactly "
                             "(it normalizes or drops text); use byte or bpe:VOCAB")
 
 
-def _content_hash(train: np.ndarray, val: np.ndarray) -> str:
+class Shards(NamedTuple):
+    train_tokens: int
+    val_tokens: int
+    val_documents: list[str]  # their names
+
+
+def _write_shards(out: Path, docs: Iterator[Document], sizes: np.ndarray, is_val: np.ndarray, encoder: Encoder,
+                  val_fraction: float, batch_bytes: int) -> Shards:
+    """Tokenize `docs` batch by batch into `out`/train.bin and val.bin, appending each document to its
+    split, in source order, with EOT between documents. A single document is split by tokens: val =
+    its last ceil(val_fraction × tokens). Both files appear only once complete."""
+    eot = np.array([encoder.eot_id], dtype=token_dtype(encoder.vocab_size)).tobytes()
+    tokens, started, val_documents = [0, 0], [False, False], []
+
+    def append(split: int, ids: np.ndarray, files: tuple[BinaryIO, BinaryIO]) -> None:
+        if started[split]:
+            files[split].write(eot)
+            tokens[split] += 1
+        files[split].write(ids.tobytes())
+        tokens[split] += len(ids)
+        started[split] = True
+
+    def write(files: tuple[BinaryIO, BinaryIO]) -> None:
+        for batch in _batches(docs, sizes, batch_bytes):
+            for (i, doc), ids in zip(batch, encoder.encode([doc for _, doc in batch])):
+                if len(sizes) == 1:
+                    n_val = _single_document_val(doc, ids, val_fraction)
+                    append(0, ids[:-n_val], files)
+                    append(1, ids[-n_val:], files)
+                else:
+                    append(int(is_val[i]), ids, files)
+                    if is_val[i]:
+                        val_documents.append(doc.name)
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "train.bin", lambda train: write_atomic(out / "val.bin", lambda val: write((train, val))))
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # write_atomic removed its temporary files; a bad input leaves no trace
+        raise
+    return Shards(tokens[0], tokens[1], val_documents)
+
+
+def _batches(docs: Iterator[Document], sizes: np.ndarray,
+             batch_bytes: int) -> Iterator[list[tuple[int, Document]]]:
+    """(index, document) in runs of about `batch_bytes` of text; the documents must be those that
+    `sizes` measured."""
+    batch, held, n = [], 0, 0
+    for n, doc in enumerate(docs, 1):
+        if n > len(sizes):
+            break
+        batch.append((n - 1, doc))
+        held += int(sizes[n - 1])
+        if held >= batch_bytes:
+            yield batch
+            batch, held = [], 0
+    if n != len(sizes):
+        raise UserError("sources: they changed while being read (other documents than a moment ago); "
+                        "re-run once they are still")
+    if batch:
+        yield batch
+
+
+def _single_document_val(doc: Document, ids: np.ndarray, val_fraction: float) -> int:
+    n_val = math.ceil(val_fraction * len(ids))
+    if len(ids) - n_val < 1:
+        raise UserError(f"source '{doc.name}': {len(ids)} tokens are too few to split into train and val; "
+                        "pass more text")
+    return n_val
+
+
+def _content_hash(*paths: Path) -> str:
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(train).data)
-    h.update(np.ascontiguousarray(val).data)
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     return "sha256:" + h.hexdigest()
 
 
@@ -365,18 +664,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _write_outputs(out: Path, train: np.ndarray, val: np.ndarray, tok_json: bytes | None, meta: dict) -> None:
-    """Each file to a temporary name, then renamed; meta.json last, then a stale tokenizer.json goes."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "train.bin", train.tofile)
-    write_atomic(out / "val.bin", val.tofile)
-    if tok_json is not None:
-        write_atomic(out / "tokenizer.json", tok_json)
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
-    if tok_json is None:
-        (out / "tokenizer.json").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Memory-intensive synthetic tasks: open stand-ins for the paper's long-context suite.
 
-The paper's suite (paper-notes §6.1; [V2] Tables 2 and 9) is proprietary. Its three memory columns
+The paper's suite (docs/fidelity.md §7; its Tables 2 and 9) is proprietary. Its three memory columns
 are where UltraMemV2 gains most over MoE: long-context memorization (+1.6), multi-round memorization
 (+6.2) and in-context learning (+7.9). Each task below is a pure function of (n, seq_len,
 vocab_size, seed) that returns `(tokens_NT, answer_NT)`. `tokens_NT` holds int64 token ids.
@@ -65,6 +65,8 @@ N_MARKERS = 8
 """Ids 0..7 are markers (4..7 unused, kept free); content ids start at 8."""
 MIN_VOCAB = 12
 """Smallest vocab_size: two keys and two values after the 8 markers."""
+MIN_SEQ_LEN = {"associative_recall": 6, "multi_round_recall": 18, "in_context_mapping": 5}
+"""Each task's shortest sequence: one pair and its query; two rounds of P = 2 keys; two demonstrations."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,14 +79,14 @@ def _alphabets(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(N_MARKERS, half), torch.arange(half, vocab_size)
 
 
-def _check(task: str, n: int, seq_len: int, vocab_size: int, min_seq_len: int) -> None:
+def _check(task: str, n: int, seq_len: int, vocab_size: int) -> None:
     problems = []
     if n < 1:
         problems.append(f"{task}: n={n}: must be ≥ 1")
     if vocab_size < MIN_VOCAB:
         problems.append(f"{task}: vocab_size={vocab_size}: must be ≥ {MIN_VOCAB} (ids 0..7 are markers)")
-    if seq_len < min_seq_len:
-        problems.append(f"{task}: seq_len={seq_len}: must be ≥ {min_seq_len}")
+    if seq_len < MIN_SEQ_LEN[task]:
+        problems.append(f"{task}: seq_len={seq_len}: must be ≥ {MIN_SEQ_LEN[task]}")
     if problems:
         raise UserError(*problems)
 
@@ -152,7 +154,7 @@ def mapping_sizes(seq_len: int, vocab_size: int) -> tuple[int, int]:
 
 def associative_recall(n: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MQAR (long-context memorization): P key→value pairs, SEP, every key again; answer its value."""
-    _check("associative_recall", n, seq_len, vocab_size, min_seq_len=6)
+    _check("associative_recall", n, seq_len, vocab_size)
     g = torch.Generator().manual_seed(seed)
     keys_K, values_W = _alphabets(vocab_size)
     p = recall_pairs(seq_len, vocab_size)
@@ -167,7 +169,7 @@ def associative_recall(n: int, seq_len: int, vocab_size: int, seed: int) -> tupl
 def multi_round_recall(n: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-round memorization: keys re-bound round after round; each round's queries ask for
     the LATEST binding of any key."""
-    _check("multi_round_recall", n, seq_len, vocab_size, min_seq_len=18)  # P = 2, two rounds
+    _check("multi_round_recall", n, seq_len, vocab_size)
     g = torch.Generator().manual_seed(seed)
     keys_K, values_W = _alphabets(vocab_size)
     p, m, rounds = multi_round_sizes(seq_len, vocab_size)
@@ -194,7 +196,7 @@ def multi_round_recall(n: int, seq_len: int, vocab_size: int, seed: int) -> tupl
 
 def in_context_mapping(n: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """In-context learning: demonstrations x f(x) of a per-sequence bijection; repeats are graded."""
-    _check("in_context_mapping", n, seq_len, vocab_size, min_seq_len=5)  # two demonstrations
+    _check("in_context_mapping", n, seq_len, vocab_size)
     g = torch.Generator().manual_seed(seed)
     keys_K, values_W = _alphabets(vocab_size)
     e, a = mapping_sizes(seq_len, vocab_size)
@@ -213,6 +215,19 @@ TASKS: dict[str, Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor
     "multi_round_recall": multi_round_recall,
     "in_context_mapping": in_context_mapping,
 }
+
+
+def check_tasks(seq_len: int, vocab_size: int) -> None:
+    """`UserError` unless every task fits sequences of `seq_len` tokens over `vocab_size` ids (checked
+    before a run starts, so that its first evaluation cannot fail on them)."""
+    problems = []
+    for make in TASKS.values():
+        try:
+            make(1, seq_len, vocab_size, 0)
+        except UserError as e:
+            problems += e.problems
+    if problems:
+        raise UserError(*problems)
 
 
 def _task(task: str) -> Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]:

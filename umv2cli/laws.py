@@ -1,4 +1,4 @@
-"""The scaling laws `umv2 fit` knows, and the Huber-on-log-loss fitting they share (scaling-anchors §1.10).
+"""The scaling laws `umv2 fit` knows, and the Huber-on-log-loss fitting they share (docs/fitting.md).
 
 Every law predicts log L and is fitted by minimising the **summed** Huber loss (δ = 1e-3) between log L̂ and
 log L (Hoffmann et al. 2022, Approach 3; summed, not averaged, after Besiroglu et al. 2024). Each fit takes
@@ -50,14 +50,15 @@ def huber(r: np.ndarray, delta: float = DELTA) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- F1 loglinear
 
 def loglinear_design(lP: np.ndarray, lm: np.ndarray, lD: np.ndarray | None, centre: tuple) -> np.ndarray:
-    """Columns [1, x, y, x·y (, z)] with x = log P − log P₀, y = log m − log m₀, z = log D − log D₀.
+    """Columns [1, x, y, x·y (, z)] with x = log P − log P₀, y = log m − log m₀, z = log D − log D₀; ``centre`` is
+    (log P₀, log m₀, log N₀, log D₀).
 
     Centring at the design centre makes the coefficients of x and y the elasticities there (e_P, e_m).
     """
     x, y = lP - centre[0], lm - centre[1]
     cols = [np.ones_like(x), x, y, x * y]
     if lD is not None:
-        cols.append(lD - centre[2])
+        cols.append(lD - centre[3])
     return np.stack(cols, axis=1)
 
 
@@ -143,7 +144,7 @@ def loglinear_params(theta: np.ndarray, centre: tuple, with_D: bool) -> dict:
     params = {"c0": c0p - ap * p0 - bp * q0 + c * p0 * q0, "a": ap - c * q0, "b": bp - c * p0, "c": c}
     if with_D:
         params["d"] = theta[4]
-        params["c0"] -= theta[4] * centre[2]
+        params["c0"] -= theta[4] * centre[3]
     return {k: float(v) for k, v in params.items()}
 
 

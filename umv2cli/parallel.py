@@ -220,15 +220,17 @@ class Distributed:
             stop.append(int(t.item()))
 
     def on_lead(self, fn) -> None:
-        """Run `fn` on rank 0; a UserError it raises is raised on every process."""
-        problems = None
+        """Run `fn` on rank 0; a UserError it raises is raised on every process (as itself on rank 0)."""
+        raised = None
         if self.lead:
             try:
                 fn()
             except UserError as e:
-                problems = e.problems
-        box = [problems]
+                raised = e
+        box = [raised.problems if raised else None]
         dist.broadcast_object_list(box, src=0)
+        if raised:
+            raise raised
         if box[0]:
             raise UserError(*box[0])
 

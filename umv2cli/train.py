@@ -1,8 +1,9 @@
 """One training run: the unit of work a sweep launches many times.
 
-`train(spec, out)` starts a run and `train(read_run_spec(out), out, resume=True)` continues one. A run
-directory holds:
+`train(spec, out)` starts a run and `train(rundir.read_run_spec(out), out, resume=True)` continues
+one. A run directory holds:
 
+    LOCK           held by the process that trains the run (`umv2cli.rundir`: a second writer is refused)
     spec.json      the full resolved `RunSpec` (written once, at the start)
     metrics.jsonl  one JSON line per optimizer step; eval steps add their results to the line
     eval.json      the final evaluation
@@ -10,16 +11,20 @@ directory holds:
                    (a run on several processes: ckpt/sharded-<step>/, named by ckpt/sharded.json)
     STATUS         written last: "done", or "failed: <reason> at step <n>"
 
-Every file is written to a temporary name and renamed. The data order is a pure function of
-(seed, step) (`data.get_batch`) and the learning rate a pure function of the step, so a checkpoint
-needs no sampler or scheduler state, and a run killed at any moment and resumed from its last
-checkpoint ends exactly where an uninterrupted run would (bit for bit on CPU). SIGTERM, SIGUSR1
-and SIGUSR2 (Slurm's warning signals) make the loop checkpoint after the current step and stop.
-A NaN or Inf loss or gradient norm stops the run with STATUS "failed: …". Started by torchrun or
-as a Slurm job of several tasks, the run spreads over the processes (`umv2cli.parallel`); the
-loop's few calls to it are `if dist:` branches, and one process runs exactly as before.
+Every file is written to a temporary name and renamed, and read back through `umv2cli.rundir`'s
+checks. The data order is a pure function of (seed, step) (`data.get_batch`) and the learning rate
+a pure function of the step, so a checkpoint needs no sampler or scheduler state, and a run killed
+at any moment and resumed from its last checkpoint ends exactly where an uninterrupted run would
+(bit for bit on CPU). SIGTERM, SIGUSR1 and SIGUSR2 (Slurm's warning signals) make the loop
+checkpoint after the current step and stop. A NaN or Inf loss or gradient norm stops the run with
+STATUS "failed: …"; so does a write that fails (disk full: "failed: disk full at step n"; the last
+checkpoint stays intact), and a damaged file of the run found on resuming ("failed: damaged
+ckpt/last.pt (…)"). Started by torchrun or as a Slurm job of several tasks, the run spreads over
+the processes (`umv2cli.parallel`); the loop's few calls to it are `if dist:` branches, and one
+process runs exactly as before.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -34,10 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umv2cli import parallel
-from umv2cli.config import RunSpec, TrainConfig, run_spec_from_dict
+from umv2cli import parallel, rundir
+from umv2cli.config import RunSpec, TrainConfig
 from umv2cli.errors import UserError
-from umv2cli.files import write_atomic
+from umv2cli.files import Damaged, WriteError, make_dir, write_atomic
+from umv2cli.rundir import read_metrics
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -79,7 +85,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Extra multiplier of the memory tables' lr: constant k, or k → 1 linearly over the run
-    (the official code's mem_value_lr_times with max_steps_rate 1; paper-notes §2.3)."""
+    (the official code's mem_value_lr_times with max_steps_rate 1; docs/fidelity.md §4)."""
     if not cfg.value_lr_decay:
         return cfg.value_lr_mult
     return 1 + (cfg.value_lr_mult - 1) * max(0.0, 1 - step / cfg.steps)
@@ -87,18 +93,6 @@ def value_lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # files of a run
-
-
-def read_metrics(out: Path | str) -> list[dict]:
-    """The complete lines of metrics.jsonl (a line cut short by a kill is dropped)."""
-    path = Path(out) / "metrics.jsonl"
-    lines = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return lines
 
 
 def save_checkpoint(out: Path, model, optimizer, step: int) -> None:
@@ -113,11 +107,13 @@ def save_checkpoint(out: Path, model, optimizer, step: int) -> None:
             "python": random.getstate(),
         },
     }
-    (out / "ckpt").mkdir(exist_ok=True)
+    make_dir(out / "ckpt")
     write_atomic(out / "ckpt" / "last.pt", lambda f: torch.save(state, f))
 
 
 def load_checkpoint(out: Path, model, optimizer) -> int:
+    """Restore the checkpoint's state into `model`, `optimizer` and every RNG; its step. Call it inside
+    `rundir.reading(...)`: a truncated or foreign checkpoint fails anywhere in here."""
     state = torch.load(out / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -155,9 +151,13 @@ def resolve_device(name: str) -> torch.device:
 EVAL_SEED = 0
 """Seed of the validation batches and the memory-task samples: the same for every run, whatever its training
 seed, so every run of a sweep is scored on the same held-out tokens and seed-to-seed spread is training noise."""
+TASK_SEQ_LEN = 128
+"""The memory tasks' sequences are the run's, up to this many tokens."""
 HEALTH_TOKENS = 4096
 """UltraMemV2 layer health is measured on the first this many validation tokens of each layer's input: a bounded
 sample (HEALTH_TOKENS × d_model activations per layer), the same tokens in every run."""
+TASK_SEQ_LEN = 128
+"""The memory tasks are drawn at min(seq_len, TASK_SEQ_LEN) tokens a sequence."""
 
 
 @torch.no_grad()
@@ -176,7 +176,7 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
     def keep_sample(i: int, u: torch.Tensor) -> None:
         kept = sum(len(t) for t in inputs.get(i, []))
         if kept < HEALTH_TOKENS:
-            inputs.setdefault(i, []).append(u.flatten(0, -2)[:HEALTH_TOKENS - kept])
+            inputs.setdefault(i, []).append(u.flatten(0, -2)[:HEALTH_TOKENS - kept].clone())  # not a view of the batch
 
     hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: keep_sample(i, args[0]))
              for i, layer in enumerate(model.sparse) if isinstance(layer, UltraMemV2)]
@@ -194,7 +194,7 @@ def evaluate(model, data, spec: RunSpec, device: torch.device) -> dict:
         result |= {f"memory_{k}": sum(h[k] for h in health) / len(health) for k in health[0]}
     if cfg.task_samples:
         accuracies = memory_task_accuracies(model, vocab_size=spec.model.vocab_size,
-                                            seq_len=min(seq_len, 128), seed=EVAL_SEED, n=cfg.task_samples)
+                                            seq_len=min(seq_len, TASK_SEQ_LEN), seed=EVAL_SEED, n=cfg.task_samples)
         result |= {f"task_{name}": acc for name, acc in accuracies.items()}
     model.train(was_training)
     return result
@@ -211,7 +211,7 @@ def autocast(device: torch.device):
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: the memory tables (value-lr multiplier) and everything else.
-    Weight decay applies to every parameter, as in the official code (paper-notes §9.18)."""
+    Weight decay applies to every parameter, as in the official code (docs/fidelity.md §9.18)."""
     tables = {id(t) for t in model.memory_tables()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in tables], "name": "dense"},
@@ -228,22 +228,53 @@ def set_lr(optimizer, step: int, cfg: TrainConfig) -> float:
     return lr
 
 
-def read_run_spec(out: Path) -> RunSpec:
-    """The spec of the run in `out`, from its spec.json."""
-    path = Path(out) / "spec.json"
-    if not path.exists():
-        raise UserError(f"--resume {out}: no spec.json there; start a run with --out {out}")
-    try:
-        return run_spec_from_dict(json.loads(path.read_text()), where=str(path))
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: not valid JSON; the run directory is damaged") from None
+def spec_problems(spec: RunSpec) -> list[str]:
+    """What a run of `spec` would fail on only after compute was spent, each a line naming the field and the fix:
+    `umv2 sweep plan` and `train` check it first. (The data is checked by `open_run_data`.)"""
+    from umv2cli.evals import check_tasks
+
+    seq_len, problems = spec.train.seq_len or spec.model.seq_len, []
+    if seq_len > spec.model.seq_len:
+        problems.append(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}; lower it")
+    if spec.train.task_samples:
+        try:
+            check_tasks(min(seq_len, TASK_SEQ_LEN), spec.model.vocab_size)
+        except UserError as e:
+            problems += [f"memory task {p}; raise it, or set train.task_samples = 0 (no memory tasks)"
+                         for p in e.problems]
+    return problems
+
+
+def check_new_run_dir(out: Path) -> None:
+    if not rundir.is_new(out):
+        raise UserError(f"--out {out}: exists and is not empty; resume it with --resume {out} or pick a new --out")
+
+
+def open_run_data(spec: RunSpec):
+    """The run's token data (`umv2cli.data.TokenData`), checked against its model and its evaluation:
+    the sequence length and the vocabulary fit, and so do the memory tasks. `UserError` otherwise."""
+    from umv2cli.data import open_data
+
+    if problems := spec_problems(spec):
+        raise UserError(*problems)
+    data = open_data(spec.data)
+    if data.vocab_size > spec.model.vocab_size:
+        raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
+                        f"vocab_size={spec.model.vocab_size}; raise model.vocab_size")
+    return data
 
 
 def create_run_dir(spec: RunSpec, out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: exists and is not empty; resume it with --resume {out} or pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_run_dir(out)  # again, under the lock: the folder may have become a run since the first look
     write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2) + "\n")
+
+
+def write_failed(out: Path, error: WriteError, step: int) -> RunFailed:
+    """Mark the run failed by a write that failed (if STATUS can still be written); the error to raise."""
+    what = "disk full" if error.disk_full else f"cannot write {error.path.name}"
+    with contextlib.suppress(WriteError):  # a disk that cannot take STATUS either: the run shows as stopped
+        write_atomic(out / "STATUS", f"failed: {what} at step {step}\n")
+    return RunFailed(f"{error} at step {step}; the last checkpoint is intact, resume once the disk has room")
 
 
 def resume_step(out: Path, model, optimizer, dist: "parallel.Distributed | None") -> int:
@@ -261,56 +292,70 @@ def resume_step(out: Path, model, optimizer, dist: "parallel.Distributed | None"
     return load_checkpoint(out, model, optimizer) if newest else 0
 
 
-def train(spec: RunSpec, out: Path, *, resume: bool = False,
+def train(spec: RunSpec, out: Path, *, resume: bool | None = False,
           on_step: Callable[[dict], None] | None = None) -> RunResult:
     """Run `spec` in a new directory `out`, or with `resume` continue the run there (pass
-    `read_run_spec(out)`). `on_step` sees every metrics line (for a progress bar). Started as one of
-    several processes (torchrun, Slurm), the run spreads over them (`umv2cli.parallel`)."""
-    dist = parallel.start(spec, Path(out))
-    if dist is None:
-        return _train(spec, Path(out), resume, on_step, None)
-    with dist:
-        return _train(spec, Path(out), resume, on_step, dist)
+    `read_run_spec(out)`); `resume=None` continues the run `out` holds, or starts it if it holds none (a
+    sweep's worker). The run's lock is held throughout: a second writer gets `rundir.RunBusy`. A damaged file
+    of the run marks it failed and raises `Damaged`. `on_step` sees every metrics line (for a progress bar).
+    Started as one of several processes (torchrun, Slurm), the run spreads over them (`umv2cli.parallel`);
+    rank 0 holds the lock and writes the run's files."""
+    out = Path(out)
+    dist = parallel.start(spec, out)
+    lead = dist is None or dist.lead
+    with dist or contextlib.nullcontext(), contextlib.ExitStack() as lock:
+        data = open_run_data(spec)  # every check before the lock makes the folder: a refused run leaves nothing
+        device = dist.device if dist else resolve_device(spec.train.device)
+
+        def take_lock() -> None:
+            if resume is False:
+                check_new_run_dir(out)  # before the lock writes anything into a folder that holds no run
+            lock.enter_context(rundir.hold(out))
+
+        dist.on_lead(take_lock) if dist else take_lock()
+        try:
+            return _train(spec, out, not rundir.is_new(out) if resume is None else resume, on_step, dist, data,
+                          device)
+        except Damaged as e:
+            if lead:
+                with contextlib.suppress(WriteError):
+                    write_atomic(out / "STATUS", f"failed: {rundir.damage_reason(out, e)}\n")
+            raise
 
 
 def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], None] | None,
-           dist: "parallel.Distributed | None") -> RunResult:
-    from umv2cli.data import get_batch, open_data
+           dist: "parallel.Distributed | None", data, device: torch.device) -> RunResult:
+    from umv2cli.data import get_batch
     from umv2cli.model.transformer import build_model
 
     lead = dist is None or dist.lead  # the one process that writes the run's files
     if dist:
-        resume = dist.agree(resume)  # rank 0 makes the run directory: its view decides
-    if not resume and dist:
-        dist.on_lead(lambda: create_run_dir(spec, out))
-    elif not resume:
-        create_run_dir(spec, out)
-    elif (out / "STATUS").exists() and (out / "STATUS").read_text().strip() == "done":
+        resume = dist.agree(resume)  # rank 0 holds the run: its view decides
+    if resume and rundir.is_done(out):
         metrics = read_metrics(out)
         return RunResult(out, "done", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})
+    if resume:
+        rundir.check_resumable(out)
     cfg, seq_len = spec.train, spec.train.seq_len or spec.model.seq_len
-    if seq_len > spec.model.seq_len:
-        raise UserError(f"train.seq_len={seq_len}: exceeds the model's seq_len={spec.model.seq_len}")
-    data = open_data(spec.data)
-    if data.vocab_size > spec.model.vocab_size:
-        raise UserError(f"data {spec.data}: vocabulary {data.vocab_size} exceeds the model's "
-                        f"vocab_size={spec.model.vocab_size}; raise model.vocab_size")
     configure_cpu()
-    device = dist.device if dist else resolve_device(cfg.device)
+    if resume and lead:
+        (out / "STATUS").unlink(missing_ok=True)  # a failed run, resumed, is failed no longer
+    elif not resume:
+        dist.on_lead(lambda: create_run_dir(spec, out)) if dist else create_run_dir(spec, out)
     model = build_model(spec.model, seed=cfg.seed, device=device)
     forward = dist.prepare(model) if dist else model  # splits the tables: before the optimizer
     optimizer = build_optimizer(model, cfg)
-    step = resume_step(out, model, optimizer, dist) if resume else 0
-    metrics = [m for m in read_metrics(out) if m["step"] <= step] if resume else []
-    if lead:
-        write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    with rundir.reading(out / rundir.CHECKPOINT, fix="move ckpt/ aside to train the run again from step 0"):
+        step = resume_step(out, model, optimizer, dist) if resume else 0
+    metrics = rundir.keep_metrics(out, step) if lead else None
+    metrics = dist.agree(metrics) if dist else metrics  # every process decides alike on them
     forward = torch.compile(forward) if cfg.compile else forward
 
     stop: list[int] = []  # several processes stop together: a signal waits in dist.signals until shared
     previous = {s: signal.signal(s, lambda signum, frame: (dist.signals if dist else stop).append(signum))
                 for s in STOP_SIGNALS}
     line = metrics[-1] if metrics else {}
-    log = (out / "metrics.jsonl").open("a") if lead else open(os.devnull, "w")
+    log = rundir.MetricsLog(out if lead else None)
     try:
         while step < cfg.steps and not stop:
             t0 = time.perf_counter()
@@ -333,9 +378,9 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+                what, value = ("loss", loss_sum) if not math.isfinite(loss_sum) else ("gradient norm", grad_norm)
                 if lead:
-                    write_atomic(out / "STATUS", f"failed: non-finite {what} ({loss_sum:g}) at step {step + 1}\n")
+                    write_atomic(out / "STATUS", f"failed: non-finite {what} ({value:g}) at step {step + 1}\n")
                 raise RunFailed(f"{out}: non-finite {what} at step {step + 1}; STATUS says failed")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -346,8 +391,7 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
                     "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 line |= evaluate(model, data, spec, device)
-            log.write(json.dumps(line) + "\n")
-            log.flush()
+            log.append(line)
             if on_step:
                 on_step(line)
             if dist:
@@ -358,11 +402,17 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
                 save_checkpoint(out, model, optimizer, step)
         if stop:
             return RunResult(out, f"stopped by {signal.Signals(stop[0]).name} at step {step}", step, line)
+        if line.get("step") != step:  # resumed at its last step, whose metrics line was lost: evaluate again
+            line = {"step": step, "tokens": step * cfg.batch_size * seq_len * cfg.grad_accum,
+                    **evaluate(model, data, spec, device)}
+            log.append(line)
         evaluation = {k: v for k, v in line.items() if k not in ("tokens", "lr", "grad_norm", "tokens_per_s")}
         if lead:
             write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
             write_atomic(out / "STATUS", "done\n")
         return RunResult(out, "done", step, line)
+    except WriteError as e:
+        raise write_failed(out, e, step) from None
     finally:
         log.close()
         for s, handler in previous.items():

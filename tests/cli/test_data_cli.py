@@ -64,3 +64,31 @@ def test_a_foreign_out_folder_exits_2_untouched(umv2, corpus, tmp_path):
 def test_missing_out_is_a_usage_error(umv2, corpus):
     code, _, err = umv2("data", "prepare", corpus)
     assert code == 2 and "--out" in err
+
+
+def test_prepare_reads_jsonl_records_from_the_text_column(umv2, tmp_path):
+    lines = [json.dumps({"id": i, "content": f"record {i} " * 20}) for i in range(10)] + ['{"content": null}']
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = umv2("data", "prepare", tmp_path / "docs.jsonl", "--text-column", "content",
+                          "--out", tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert code == 0 and err == "" and meta["text_column"] == "content"
+    assert out.startswith(f"{meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens from 10 "
+                          "documents, 1 empty record skipped (byte")
+
+
+@pytest.mark.parametrize("name,raw,expected", [
+    ("docs.jsonl", b'{"body": "x"}\n', "docs.jsonl' line 1: no 'text' field (fields: body); name the text field "
+                                       "with --text-column"),
+    ("empty.txt", b"", "empty.txt': empty; remove it from the sources"),
+    ("junk.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "junk.txt': binary (NUL byte), not UTF-8 text"),
+    ("junk.jsonl", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "junk.jsonl' line 1: invalid UTF-8 at byte 0 of the line"),
+    ("junk.jsonl.zst", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "junk.jsonl.zst': corrupt or truncated .zst data"),
+    ("junk.parquet", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "junk.parquet': not a readable Parquet file"),
+])
+def test_a_bad_file_exits_2_with_one_line_naming_it(umv2, tmp_path, name, raw, expected):
+    (tmp_path / name).write_bytes(raw)
+    code, out, err = umv2("data", "prepare", tmp_path / name, "--out", tmp_path / "out")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: source '") and expected in err, err
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,5 @@
-"""What the Triton kernel tests share: the device and tolerances against fp64 (the fixture
-`poisoned_empty` is in conftest.py).
+"""What the Triton kernel tests share: the device (tests/devices.py) and tolerances against fp64
+(the fixture `poisoned_empty` is in conftest.py).
 
 On a machine without CUDA the kernels run under Triton's interpreter, which tests/conftest.py
 switches on before triton is imported; sizes are tiny because it is 10³-10⁴× slower. With CUDA
@@ -8,7 +8,7 @@ the same tests run the compiled kernels on the GPU.
 
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from devices import DEVICE  # noqa: F401  (the kernel tests import it from here)
 
 # relative L2 error against an fp64 reference on the same (rounded) inputs, per input dtype
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

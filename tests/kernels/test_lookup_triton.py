@@ -1,5 +1,6 @@
-"""The Triton value lookup (kernels/lookup.py K2/K3, kernels/value_grad.py K4) against the reference,
-under Triton's interpreter without CUDA (see kernel_checks.py)."""
+"""The Triton value lookup (kernels/lookup.py K2 and the x_p pass, kernels/value_grad.py K34,
+kernels/row_sort.py) against the reference, under Triton's interpreter without CUDA (see
+kernel_checks.py)."""
 
 import os
 
@@ -7,38 +8,40 @@ import pytest
 import torch
 from kernel_checks import DEVICE, REL_TOL, rel_err
 
-from umv2cli.kernels import lookup, value_grad
+from umv2cli.kernels import lookup, row_sort, rows, value_grad
 
 
 def random_lookup(B, M, C, P, V, T, *, dtype=torch.float32, index_dtype=torch.int64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x_p = torch.randn(B, P, generator=gen).to(dtype)
     table = torch.randn(T, P + V, generator=gen).to(dtype)
-    rows = torch.randint(0, T, (B, M), generator=gen)
-    rows[0, 1] = rows[0, 0]  # a duplicate within a token
-    rows[1, 0] = rows[0, 0]  # and across tokens
+    rows_BM = torch.randint(0, T, (B, M), generator=gen)
+    rows_BM[0, 1] = rows_BM[0, 0]  # a duplicate within a token
+    rows_BM[1, 0] = rows_BM[0, 0]  # and across tokens
     scores = torch.randn(B, M, C, generator=gen).to(dtype)
     do = torch.randn(B, V, generator=gen).to(dtype)
-    return [t.to(DEVICE) for t in (x_p, table, rows.to(index_dtype), scores, do)]
+    return [t.to(DEVICE) for t in (x_p, table, rows_BM.to(index_dtype), scores, do)]
 
 
-def check_against_reference(B, M, C, P, V, T, act, dtype, index_dtype, deterministic=True):
-    x_p, table, rows, scores, do = random_lookup(B, M, C, P, V, T, dtype=dtype, index_dtype=index_dtype)
+def check_against_reference(B, M, C, P, V, T, act, dtype, index_dtype, *, read_dtype=None, seed=0):
+    """Output and every gradient of the Triton lookup against the reference in fp64 on the same
+    (rounded) inputs; with read_dtype the reference reads the table rounded to it."""
+    x_p, table, rows_BM, scores, do = random_lookup(B, M, C, P, V, T, dtype=dtype, index_dtype=index_dtype,
+                                                    seed=seed)
     ours = [t.clone().requires_grad_(True) for t in (x_p, table, scores)]
-    o = lookup.memory_lookup(ours[0], ours[1], rows, ours[2], act, impl="triton",
-                             deterministic=deterministic)
-    o.backward(do)
+    o = lookup.memory_lookup(ours[0], ours[1], rows_BM, ours[2], act, impl="triton", read_dtype=read_dtype)
+    o.backward(do.to(o.dtype))
     ref = [t.double().cpu().requires_grad_(True) for t in (x_p, table, scores)]
-    o_ref = lookup.memory_lookup_reference(ref[0], ref[1], rows.cpu(), ref[2], act)
-    o_ref.backward(do.double().cpu())
-    tol = REL_TOL[dtype]
-    assert o.dtype == dtype and o.shape == (B, V)
+    read = ref[1] if read_dtype is None else ref[1].to(read_dtype).double()  # rounded, straight-through
+    o_ref = lookup.memory_lookup_reference(ref[0], read, rows_BM.cpu(), ref[2], act)
+    o_ref.backward(do.to(o.dtype).double().cpu())
+    tol = REL_TOL[read_dtype or dtype]
+    assert o.dtype == (read_dtype or dtype) and o.shape == (B, V)
     assert rel_err(o.cpu(), o_ref) < tol, "output"
-    names = ("x_p", "table", "scores") if P else ("table", "scores")
     for name, a, b in zip(("x_p", "table", "scores"), ours, ref):
-        if name not in names:  # D_p = 0: x_p [B, 0] does not enter the output
+        if name == "x_p" and not P:  # D_p = 0: x_p [B, 0] does not enter the output
             continue
-        assert a.grad.dtype == dtype, name
+        assert a.grad.dtype == a.dtype, name  # the table's gradient keeps the table's dtype
         assert rel_err(a.grad.cpu(), b.grad) < tol, f"grad of {name}"
 
 
@@ -69,79 +72,132 @@ def test_triton_lookup_dtypes_and_index_types(dtype, index_dtype, act, shape):
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_lookup_with_atomic_table_grad(dtype):
-    check_against_reference(*SHAPES[0], "gelu", dtype, torch.int32, deterministic=False)
+@pytest.mark.parametrize("act,shape", [("gelu", SHAPES[3]), ("none", SHAPES[1])])
+def test_bf16_reads_of_an_fp32_table(act, shape):
+    """The bf16 pool: rows read in bf16, the gradient in fp32 as if the rounding were not there."""
+    check_against_reference(*shape, act, torch.float32, torch.int64, read_dtype=torch.bfloat16)
 
 
-def value_grad_inputs(B, M, C, P, V, T, dtype=torch.float32, seed=1):
-    x_p, _, rows, scores, do = random_lookup(B, M, C, P, V, T, dtype=dtype, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    z = torch.randn(B, M, generator=gen).to(DEVICE) if P else None
-    dz = torch.randn(B, M, generator=gen).to(DEVICE) if P else None
-    return x_p, rows, scores, z, dz, do
+def test_bf16_reads_under_the_reference_path_round_the_same_way():
+    x_p, table, rows_BM, scores, _ = random_lookup(*SHAPES[0], dtype=torch.float32)
+    table.requires_grad_(True)
+    o = lookup.memory_lookup(x_p, table, rows_BM, scores, "none", impl="torch", read_dtype=torch.bfloat16)
+    rounded = table.detach().bfloat16().float()  # rows rounded, arithmetic in fp32 (as the kernels)
+    expected = lookup.memory_lookup_reference(x_p, rounded, rows_BM, scores, "none")
+    assert o.dtype == torch.bfloat16 and torch.equal(o, expected.bfloat16())
+    o.float().sum().backward()
+    assert table.grad.dtype == torch.float32
 
 
-def as_fp64(tensors):
-    """Float tensors to fp64 on the CPU (the reference's precision); indices and None as they are."""
-    return [t if t is None else (t.double() if t.is_floating_point() else t).cpu() for t in tensors]
+# ------------------------------------------------------------------------------------------------
+# the backward's parts: the counting sort, K34's rows (hot rows over several tiles), touched rows only
 
 
-@pytest.mark.parametrize("B,M,C,P,V,T", [(6, 7, 2, 5, 10, 3), (4, 4, 1, 0, 6, 2)])
-def test_value_grad_is_deterministic_and_matches_atomics(B, M, C, P, V, T):
-    args = value_grad_inputs(B, M, C, P, V, T)  # T ≤ 3 rows: every row hit many times
-    first = value_grad.value_grad(*args, T, deterministic=True)
-    second = value_grad.value_grad(*args, T, deterministic=True)
-    assert torch.equal(first, second), "two calls differ in some bit"
-    atomic = value_grad.value_grad(*args, T, deterministic=False)
-    expected = value_grad.value_grad_reference(*as_fp64(args), T)
-    assert rel_err(first.cpu(), expected) < 1e-5
-    assert rel_err(atomic.cpu(), first.double().cpu()) < 1e-5  # fp32 sums in another order
+@pytest.mark.parametrize("L,T,digit_bits,block", [
+    (37, 9, 11, 1024),  # one pass, one partial block
+    (100, 1000, 3, 16),  # four passes of 3 bits over 7 blocks, the last partial
+    (60, 2, 1, 16),  # two rows, heavy ties
+    (5, 1, 11, 1024),  # a single row
+])
+def test_counting_sort_is_stable_and_orders_by_row(L, T, digit_bits, block):
+    rows_L = torch.randint(0, T, (L,), generator=torch.Generator().manual_seed(L)).to(DEVICE)
+    sorted_L, order_L = row_sort.sort_by_row(rows_L, T, max_digit_bits=digit_bits, block=block)
+    expected_sorted, expected_order = torch.sort(rows_L.cpu(), stable=True)  # ties keep ℓ order
+    assert sorted_L.dtype == order_L.dtype == torch.int32
+    assert torch.equal(sorted_L.cpu().long(), expected_sorted)
+    assert torch.equal(order_L.cpu().long(), expected_order)
 
 
-def test_value_grad_leaves_untouched_rows_zero_and_casts():
-    x_p, rows, scores, z, dz, do = value_grad_inputs(3, 2, 2, 3, 4, 12, dtype=torch.float16)
-    grad = value_grad.value_grad(x_p, rows, scores, z, dz, do, 12, out_dtype=torch.float16)
-    assert grad.dtype == torch.float16 and grad.shape == (12, 7)
-    untouched = torch.ones(12, dtype=torch.bool)
-    untouched[rows.reshape(-1).cpu()] = False
-    assert untouched.any() and (grad.cpu()[untouched] == 0).all()
-    expected = value_grad.value_grad_reference(*as_fp64((x_p, rows, scores, z, dz, do)), 12)
-    assert rel_err(grad.cpu(), expected) < REL_TOL[torch.float16]
+def test_digit_plan_covers_the_rows_in_few_passes():
+    assert row_sort.digit_plan(2) == (1, 1)
+    assert row_sort.digit_plan(10**6) == (2, 10)  # 20 bits
+    assert row_sort.digit_plan(2**22) == (2, 11)
+    assert row_sort.digit_plan(10**8) == (3, 9)  # 27 bits
 
 
-def test_sort_lookups_by_row_is_stable_with_segment_ends():
-    rows = torch.tensor([[3, 1], [1, 3], [0, 1]], device=DEVICE)
-    sorted_rows, order, seg_end = value_grad.sort_lookups_by_row(rows)
-    assert sorted_rows.tolist() == [0, 1, 1, 1, 3, 3]
-    assert order.tolist() == [4, 1, 2, 5, 0, 3]  # ties keep token order
-    assert seg_end.tolist() == [1, 4, 4, 4, 6, 6]
+def backward_inputs(B, M, C, P, V, T, seed=1):
+    """Inputs of mem_bwd with h from the forward, and the reference gradients in fp64."""
+    x_p, table, rows_BM, scores, do = random_lookup(B, M, C, P, V, T, seed=seed)
+    _, h = lookup.mem_fwd(x_p, table, rows_BM, scores, "gelu")
+    return x_p, table, rows_BM, scores, h, do
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("B,M,C,P,V,T", [
+    (6, 6, 1, 3, 200, 1),  # C·W = 256: tiles of 16 lookups; one row of 36, over two full tiles and more
+    (4, 6, 2, 0, 200, 2),  # D_p = 0; two rows of ~12 in 24 lookups: a tile boundary cuts one
+])
+def test_rows_spanning_several_tiles_sum_in_a_fixed_order(B, M, C, P, V, T):
+    args = backward_inputs(B, M, C, P, V, T)
+    assert rows.launch_dims(C, P, V, 2 * rows.TILE_ELEMENTS)["TILE"] < B * M, "the lookups must span tiles"
+    first = lookup.mem_bwd(*args, "gelu")
+    second = lookup.mem_bwd(*args, "gelu")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), "two calls differ in some bit"
+    x_p, table, rows_BM, scores, h, do = args
+    ref = [t.double().cpu().requires_grad_(True) for t in (x_p, table, scores)]
+    lookup.memory_lookup_reference(ref[0], ref[1], rows_BM.cpu(), ref[2], "gelu").backward(do.double().cpu())
+    dx, dtable, ds = first
+    assert rel_err(dtable.cpu(), ref[1].grad) < 1e-5 and rel_err(ds.cpu(), ref[2].grad) < 1e-5
+    if P:
+        assert rel_err(dx.cpu(), ref[0].grad) < 1e-5
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+def test_backward_writes_only_the_touched_rows_of_a_given_gradient():
+    x_p, table, rows_BM, scores, h, do = backward_inputs(4, 3, 2, 3, 4, 40)
+    grad = torch.full((40, 7), float("nan"), device=DEVICE)  # untouched rows must stay as they are
+    _, out, _ = lookup.mem_bwd(x_p, table, rows_BM, scores, h, do, "gelu", grad_TD=grad)
+    assert out is grad
+    touched = torch.zeros(40, dtype=torch.bool)
+    touched[rows_BM.reshape(-1).cpu()] = True
+    assert torch.isnan(grad.cpu()[~touched]).all() and not torch.isnan(grad.cpu()[touched]).any()
+    z = torch.nn.functional.gelu(h)
+    _, dz = value_grad.mem_bwd_rows(table, *row_sort.sort_by_row(rows_BM, 40), scores, h, x_p, do,
+                                     torch.zeros_like(grad), "gelu")
+    fp64 = [t.cpu() if t is rows_BM else t.double().cpu() for t in (x_p, rows_BM, scores, z, dz, do)]
+    expected = value_grad.value_grad_reference(*fp64, 40)
+    assert rel_err(grad.cpu()[touched], expected[touched]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the custom op (torch.compile's path) and the switch
+
+
+def test_lookup_custom_op_registration():
+    x_p, table, rows_BM, scores, _ = random_lookup(3, 4, 2, 3, 6, 5)
+    args = (x_p.requires_grad_(), table.requires_grad_(), None, rows_BM, scores.requires_grad_(), "gelu")
+    result = torch.library.opcheck(lookup.memory_lookup_op, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+    bf16 = (*args[:2], table.detach().bfloat16(), *args[3:])
+    result = torch.library.opcheck(lookup.memory_lookup_op, bf16)
+    assert set(result.values()) == {"SUCCESS"}, result
 
 
 def test_impl_switch_and_one_line_errors():
-    x_p, table, rows, scores, _ = random_lookup(2, 3, 2, 2, 4, 5)
-    expected = lookup.memory_lookup_reference(x_p, table, rows, scores, "gelu")
-    assert torch.equal(lookup.memory_lookup(x_p, table, rows, scores, "gelu", impl="torch"), expected)
+    x_p, table, rows_BM, scores, _ = random_lookup(2, 3, 2, 2, 4, 5)
+    expected = lookup.memory_lookup_reference(x_p, table, rows_BM, scores, "gelu")
+    assert torch.equal(lookup.memory_lookup(x_p, table, rows_BM, scores, "gelu", impl="torch"), expected)
     if DEVICE == "cpu":  # auto = Triton iff the table is on CUDA
-        assert torch.equal(lookup.memory_lookup(x_p, table, rows, scores, "gelu"), expected)
+        assert torch.equal(lookup.memory_lookup(x_p, table, rows_BM, scores, "gelu"), expected)
     bad = {"act": dict(act="relu"), "impl": dict(impl="cuda")}
-    call = dict(x_p_BP=x_p, table_TD=table, rows_BM=rows, scores_BMC=scores, act="none", impl="triton")
+    call = dict(x_p_BP=x_p, table_TD=table, rows_BM=rows_BM, scores_BMC=scores, act="none", impl="triton")
     for name, change in bad.items():
         with pytest.raises(ValueError, match=name):
             lookup.memory_lookup(**{**call, **change})
     wide = torch.randn(5, 12, device=DEVICE)[:, :6]  # rows of a wider tensor: not contiguous
     with pytest.raises(ValueError, match="table must be contiguous"):
         lookup.memory_lookup(**{**call, "table_TD": wide})
-    with pytest.raises(ValueError, match="one float dtype"):
-        lookup.memory_lookup(**{**call, "scores_BMC": scores.double()})
+    with pytest.raises(ValueError, match="float tensors"):
+        lookup.memory_lookup(**{**call, "scores_BMC": scores.long()})
     with pytest.raises(ValueError, match="divisible by C=3"):
         lookup.memory_lookup(**{**call, "scores_BMC": torch.randn(2, 3, 3, device=DEVICE)})
     with pytest.raises(ValueError, match="int32 or int64"):
-        lookup.memory_lookup(**{**call, "rows_BM": rows.float()})
+        lookup.memory_lookup(**{**call, "rows_BM": rows_BM.float()})
 
 
 def test_interpreter_is_on_without_cuda():
     if DEVICE == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
         assert type(lookup._mem_fwd_kernel).__name__ == "InterpretedFunction"
-        assert type(value_grad._value_grad_rows_kernel).__name__ == "InterpretedFunction"
+        assert type(value_grad._mem_bwd_rows_kernel).__name__ == "InterpretedFunction"

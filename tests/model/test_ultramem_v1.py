@@ -142,31 +142,36 @@ def core_with_spectrum(lam, seed):
     return q1 @ torch.diag(torch.tensor(lam, dtype=torch.float64)) @ q2.T, q1, q2
 
 
-def test_aux_loss_is_zero_when_trailing_singular_values_are_below_tau():
-    layer = make_layer(tiny(aux_tau=0.15))
+def set_cores_summing_to(layer: UltraMemV1, core_RR: torch.Tensor, seed: int = 5) -> None:
+    """Random cores C_1 … C_{C−1} far from rank 1, and C_0 = core − the others: Σ_c C_c = core."""
+    g = torch.Generator().manual_seed(seed)
+    others = 3.0 * torch.randn(layer.cfg.cores - 1, *core_RR.shape, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        layer.cores_CRR.copy_(torch.stack([core_with_spectrum([2.0, 0.1], 0)[0],
-                                           core_with_spectrum([0.9, 0.14], 1)[0]]))
+        layer.cores_CRR.copy_(torch.cat([(core_RR - others.sum(0))[None], others]))
+
+
+def test_aux_loss_is_zero_when_the_summed_core_is_near_rank_1_whatever_each_core_is():
+    layer = make_layer(tiny(aux_tau=0.15))  # 2 cores, rank 2
+    set_cores_summing_to(layer, core_with_spectrum([2.0, 0.14], 0)[0])
+    # each core alone has a second singular value far above τ: a per-core penalty would not be 0
+    assert torch.linalg.svdvals(layer.cores_CRR.detach())[:, 1].min() > 1.0
     _, aux = layer(torch.randn(1, 2, H, dtype=torch.float64))
     assert aux.item() == 0.0
 
 
-def test_aux_loss_equals_formula_and_its_gradient_reaches_the_cores():
-    alpha, tau, spectra = 0.001, 0.15, [[3.0, 0.5, 0.2], [2.0, 0.3, 0.1]]
-    layer = make_layer(tiny(rank=3, aux_coef=alpha, aux_tau=tau))
-    built = [core_with_spectrum(lam, seed) for seed, lam in enumerate(spectra)]
-    with torch.no_grad():
-        layer.cores_CRR.copy_(torch.stack([c for c, _, _ in built]))
+def test_aux_loss_equals_formula_on_the_summed_core_and_its_gradient_reaches_every_core():
+    alpha, tau, lam = 0.001, 0.15, [3.0, 0.5, 0.2]
+    layer = make_layer(tiny(rank=3, cores=3, dv=6, aux_coef=alpha, aux_tau=tau))
+    core_RR, q1, q2 = core_with_spectrum(lam, 0)
+    set_cores_summing_to(layer, core_RR)
     _, aux = layer(torch.randn(1, 2, H, dtype=torch.float64))
-    # α/(r−1)·Σ_c Σ_{i≥2} max(0, λ_i − τ)², r = 3
-    want = alpha / 2 * ((0.5 - tau) ** 2 + (0.2 - tau) ** 2 + (0.3 - tau) ** 2)
-    assert aux.item() == pytest.approx(want, rel=1e-10)
+    # α/(r−1)·Σ_{i≥2} max(0, λ_i(Σ_c C_c) − τ)², r = 3
+    assert aux.item() == pytest.approx(alpha / 2 * ((0.5 - tau) ** 2 + (0.2 - tau) ** 2), rel=1e-10)
     aux.backward()
-    # ∂λ_i/∂C = u_i v_i^T, so ∂aux/∂C_c = α/(r−1)·Σ_{i≥2} 2·max(0, λ_i − τ)·u_i v_i^T
-    grad_CRR = torch.stack([sum(alpha / 2 * 2 * max(0.0, lam[i] - tau) * torch.outer(q1[:, i], q2[:, i])
-                                for i in (1, 2))
-                            for (_, q1, q2), lam in zip(built, spectra)])
-    torch.testing.assert_close(layer.cores_CRR.grad, grad_CRR)
+    # ∂λ_i/∂C = u_i v_i^T of the sum, the same for every core C_c:
+    # ∂aux/∂C_c = α/(r−1)·Σ_{i≥2} 2·max(0, λ_i − τ)·u_i v_i^T
+    grad_RR = sum(alpha / 2 * 2 * max(0.0, lam[i] - tau) * torch.outer(q1[:, i], q2[:, i]) for i in (1, 2))
+    torch.testing.assert_close(layer.cores_CRR.grad, grad_RR.expand(3, 3, 3))
 
 
 def test_refresh_rank1_is_idempotent_and_keeps_the_previous_sign():

@@ -12,6 +12,8 @@ from umv2cli.model.ffn import SwiGLU
 from umv2cli.model.init import InitContext
 from umv2cli.model.ultramemv2 import UltraMemV2, new_value_pool
 
+from devices import DEVICE
+
 TINY = UltraMemV2Config(knum=5, topm=6, dk=4, dv=6, dp=3, k_rc=5)
 
 
@@ -162,8 +164,9 @@ def test_official_init_uses_the_code_constants():
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels = "triton" | "torch": the whole model trains the same either way (on CPU the Triton
-# kernels, selection and lookup, run under the interpreter, which tests/conftest.py switches on)
+# kernels = "triton" | "torch": the whole model trains the same either way, on DEVICE (CUDA when
+# there is one; else the CPU, where the Triton kernels, selection and lookup, run under the
+# interpreter, which tests/conftest.py switches on)
 
 
 def tiny_model_logits_and_grads(kernels: str, sparse: UltraMemV2Config):
@@ -172,8 +175,8 @@ def tiny_model_logits_and_grads(kernels: str, sparse: UltraMemV2Config):
 
     cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, ffn_hidden=32, vocab_size=64, seq_len=8,
                       sparse=dataclasses.replace(sparse, kernels=kernels))
-    model = build_model(cfg, seed=0)
-    idx = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    model = build_model(cfg, seed=0, device=DEVICE)
+    idx = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits, _ = model(idx)
     F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -192,15 +195,16 @@ def test_triton_kernels_give_the_same_logits_and_gradients_as_torch(name):
 
 def test_triton_lookup_under_bf16_autocast_returns_the_reference_dtype():
     (layer,), _ = make_layers(TINY, dtype=torch.float32)
-    u_BH = torch.randn(5, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+    layer.to(DEVICE)
+    u_BH = torch.randn(5, 8, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), torch.no_grad():
         p_BM, scores_BMC = layer.select(u_BH)  # one selection for both lookups
     assert scores_BMC.dtype == torch.bfloat16
     outputs = []
     for kernels in ("triton", "torch"):
         layer.cfg = dataclasses.replace(TINY, kernels=kernels)
         layer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             o_BV = layer.lookup(layer.w_pre(u_BH), p_BM, scores_BMC)
         o_BV.float().sum().backward()
         outputs.append((o_BV, layer.pool_TD.grad.clone(), layer.w_pre.weight.grad.clone()))
@@ -213,14 +217,33 @@ def test_triton_lookup_under_bf16_autocast_returns_the_reference_dtype():
     torch.testing.assert_close(d_pre, d_pre_ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("kernels,select_node,lookup_node", [
-    ("triton", "TDQKRSelectBackward", "MemoryLookupBackward"),
-    ("torch", "TransposeBackward0", "ViewBackward0"),
-    ("auto", "TransposeBackward0", "ViewBackward0"),  # "auto" on CPU: the references
+TRITON_NODES, TORCH_NODES = ("TDQKRSelectBackward", "MemoryLookupBackward"), ("TransposeBackward0", "ViewBackward0")
+
+
+@pytest.mark.parametrize("kernels,nodes", [
+    ("triton", TRITON_NODES),
+    ("torch", TORCH_NODES),
+    ("auto", TRITON_NODES if DEVICE == "cuda" else TORCH_NODES),  # "auto": Triton on CUDA tensors
 ])
-def test_kernels_switch_picks_selection_and_lookup(kernels, select_node, lookup_node):
+def test_kernels_switch_picks_selection_and_lookup(kernels, nodes):
     (layer,), _ = make_layers(dataclasses.replace(TINY, kernels=kernels), dtype=torch.float32)
-    u_BH = torch.randn(3, 8)
+    layer.to(DEVICE)
+    u_BH = torch.randn(3, 8, device=DEVICE)
     p_BM, scores_BMC = layer.select(u_BH)
     o_BV = layer.lookup(layer.w_pre(u_BH), p_BM, scores_BMC)
-    assert (scores_BMC.grad_fn.name(), o_BV.grad_fn.name()) == (select_node, lookup_node)
+    assert (scores_BMC.grad_fn.name(), o_BV.grad_fn.name()) == nodes
+
+
+def test_pool_windows_give_each_layer_its_home_table_on_the_triton_path():
+    from umv2cli.model.ultramemv2 import pool_windows
+
+    cfg = dataclasses.replace(TINY, kernels="triton")
+    layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
+    n2 = cfg.knum**2
+    windows = pool_windows(pool, layers)
+    assert [first for _, first in windows] == [0, n2, 2 * n2]
+    for l, (table, first) in enumerate(windows):  # views of the pool, so gradients flow to it
+        assert table.shape == (n2, pool.shape[1]) and table.data_ptr() == pool[first].data_ptr()
+    assert pool_windows(pool, make_layers(dataclasses.replace(cfg, kernels="torch"), n_layers=3)[0]) is None
+    shared = dataclasses.replace(cfg, share_layers=2)
+    assert pool_windows(new_value_pool(shared, 3), make_layers(shared, n_layers=3)[0]) is None

@@ -3,8 +3,9 @@
 import json
 import math
 
-import polars as pl
 import pytest
+
+pl = pytest.importorskip("polars")
 
 from umv2cli.bench import synthetic_sweep
 from umv2cli.fit import COLUMNS
@@ -70,6 +71,40 @@ def test_loss_at_flop_budgets_interpolates_in_log_flops_between_evals(sweep):
     assert rows["run_tokens"].unique().to_list() == [ROWS * 8 * 64]
     not_done = results.filter(pl.col("status") != "done")
     assert not_done.height == 3 * len(budgets) and not_done["loss"].null_count() == not_done.height
+
+
+def write_schedules(sweep, schedules: dict) -> None:
+    """spec.json of runs (only the train fields aggregate reads): {run_id: (schedule, cooldown)}."""
+    for run_id, (schedule, cooldown) in schedules.items():
+        train = {"schedule": schedule, "cooldown": cooldown, "steps": ROWS}
+        (sweep / "runs" / run_id / "spec.json").write_text(json.dumps({"train": train}))
+
+
+def test_the_loss_before_the_cooldown_is_the_last_eval_at_or_before_its_start(sweep):
+    ids = [f"{i:012x}" for i in (0, 1, 2, 3, 97)]
+    write_schedules(sweep, {ids[0]: ("wsd", 0.2), ids[1]: ("wsd", 0.25), ids[2]: ("cosine", 0.2),
+                            ids[3]: ("wsd", 0.0), ids[4]: ("wsd", 0.2)})  # 97 failed
+    results = aggregate(sweep)
+    by_id = {r["run_id"]: r for r in results.iter_rows(named=True)}
+    for run_id, step in ((ids[0], 80), (ids[1], 60)):  # cooldowns from step 80 and 75 of 100; evals every 20
+        before = next(m for m in metrics(sweep, run_id) if m["step"] == step)
+        assert by_id[run_id]["loss_pre_cooldown"] == before["eval_loss"] != by_id[run_id]["loss"]
+        assert by_id[run_id]["tokens_pre_cooldown"] == before["tokens"]
+    # a cosine schedule, no cooldown, a failed run, a run without spec.json: none
+    for run_id in (*ids[2:], f"{4:012x}"):
+        assert by_id[run_id]["loss_pre_cooldown"] is None and by_id[run_id]["tokens_pre_cooldown"] is None
+
+
+def test_umv2_fit_on_a_sweep_refits_before_the_cooldown_and_at_a_second_budget(sweep, umv2, tmp_path):
+    write_schedules(sweep, {f"{i:012x}": ("wsd", 0.2) for i in range(100) if i % 100 < 97})
+    budget = 3 * 590_000 * 40 * 8 * 64  # the eval at step 40
+    code, out, err = umv2("fit", sweep, "--bootstrap", "50", "--at-flops", budget, "--json", tmp_path / "fit.json")
+    assert code == 0, err
+    pre, half = json.loads((tmp_path / "fit.json").read_text())["robustness"]
+    assert pre["refit"] == "on the eval loss before the cooldown" and pre["n_runs"] == 97 and "verdict" in pre
+    assert half["refit"] == f"on the eval loss at {budget:.3g} training FLOPs" and half["n_runs"] == 97
+    assert f"on the eval loss at {budget:.3g} training FLOPs: " in out
+    assert "at_flops" not in pl.read_parquet(sweep / "results.parquet").columns  # the sweep's table stays final
 
 
 def test_umv2_fit_on_a_sweep_directory_aggregates_it_and_fits_only_done_runs(sweep, umv2, tmp_path):

@@ -28,7 +28,7 @@ def test_smoke_sweep_finishes_then_launches_nothing_and_reports_all_done(tmp_pat
     assert {p.name for p in sweep.iterdir()} == {"recipe.toml", "plan.parquet", "launch.json", "runs"}
     stamps = {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/STATUS")}
     code, out, _ = umv2("sweep", "run", RECIPES / "smoke.toml", "--out", tmp_path)
-    assert code == 0 and "launched 0 runs" in out
+    assert code == 0 and "6 of 6 runs already done; nothing to launch" in out
     assert {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/STATUS")} == stamps  # nothing re-run
     code, out, _ = umv2("sweep", "status", sweep, "--json")
     status = json.loads(out)
@@ -39,13 +39,16 @@ def test_smoke_sweep_finishes_then_launches_nothing_and_reports_all_done(tmp_pat
 def test_a_failed_run_is_listed_with_its_reason_and_retried_on_request(tmp_path, umv2):
     recipe = tmp_path / "micro.toml"
     recipe.write_text(MICRO.format(extra="lr = 1e30\ngrad_clip = 0.0"))  # diverges at step 2
-    code, out, _ = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--workers", "1")
+    code, out, _ = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--workers", "1", "--runs-per-gpu", "2")
     assert code == 1 and "launched 2 runs (2 not done)" in out
+    launched = json.loads((tmp_path / "out" / "micro" / "launch.json").read_text())
+    assert (launched["workers"], launched["runs_per_gpu"]) == (1, 2)  # for `sweep resume`
     code, out, _ = umv2("sweep", "status", tmp_path / "out" / "micro", "--json")
     status = json.loads(out)
     assert status["failed"] == 2 and all("non-finite" in f["reason"] for f in status["failures"])
     code, out, _ = umv2("sweep", "run", recipe, "--out", tmp_path / "out")
-    assert "launched 0 runs" in out  # failed runs stay failed …
+    assert "0 of 2 runs already done, 2 failed (--retry-failed runs them again); nothing to launch" in out
+    # failed runs stay failed …
     code, out, _ = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--retry-failed")
     assert "launched 2 runs" in out  # … until asked
 

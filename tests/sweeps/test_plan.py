@@ -119,3 +119,23 @@ def test_a_tuned_file_gives_each_group_its_train_fields_and_must_cover_every_gro
     assert [(r.spec.train.lr, r.spec.train.warmup) for r in runs] == [(0.01, 0.1), (0.002, 0.1)]
     code, _, err = umv2("sweep", "plan", recipe(tmp_path, text.format("[4, 8, 16]")))
     assert code == 2 and err.count("\n") == 1 and "groups.8: missing" in err
+
+
+def test_references_train_beside_the_grid_with_the_recipes_seeds_and_its_matching(tmp_path):
+    text = ('model = "tiny-ultramemv2"\nseeds = [0, 1]\ncorner_seeds = [2]\nmatch = "iso-flop"\n[grid]\n'
+            'sparse_params = [16_384, 65_536]\ntopm = [4, 16]\n[[references]]\nmodel = "tiny-dense"\n'
+            '[[references]]\nmodel = "tiny-ultramemv2"\ntopm = 8\n')
+    runs = build_plan(load_recipe(recipe(tmp_path, text)))
+    grid, refs = [r for r in runs if not r.row["reference"]], [r for r in runs if r.row["reference"]]
+    assert len(grid) == 4 * 2 + 4 and len(refs) == 2 * 2  # corners get seed 2; references only `seeds`
+    assert [r.row["kind"] for r in refs] == ["dense", "dense", "ultramemv2", "ultramemv2"]
+    assert {r.spec.train.seed for r in refs} == {0, 1} and refs[2].spec.model.sparse.topm == 8
+    flops = grid[0].row["flops_per_token"]  # the dense reference is resized to the same FLOPs per token
+    assert abs(refs[0].row["flops_per_token"] / flops - 1) < 0.01 and refs[0].spec.model.ffn_hidden > 128
+
+
+def test_a_bad_reference_is_one_line_naming_it(tmp_path, umv2):
+    path = recipe(tmp_path, 'model = "tiny-ultramemv2"\n[grid]\ntopm = [4]\n[[references]]\ntopm = 0\nsize = 3\n')
+    code, out, err = umv2("sweep", "plan", path)
+    assert code == 2 and "references[0].topm=0: expected a positive integer" in err
+    assert "references[0].size: not a model field" in err and "Traceback" not in err

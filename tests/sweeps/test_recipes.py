@@ -12,7 +12,7 @@ SHIPPED = sorted(p.name for p in RECIPES.glob("*.toml"))
 
 
 def test_the_shipped_recipes():
-    assert SHIPPED == ["density-x-size-1gpu.toml", "micro-cpu.toml", "moe-parity-1gpu.toml",
+    assert SHIPPED == ["density-x-size-1gpu.toml", "micro-1gpu.toml", "micro-cpu.toml", "moe-parity-1gpu.toml",
                        "paper-227m-cluster.toml", "smoke.toml"]
 
 
@@ -44,6 +44,17 @@ def test_micro_cpu_is_a_4x4_iso_flop_grid_on_real_text_with_a_million_tokens_a_r
     assert all(abs(r["match_residual"]) < 0.001 and r["tokens"] >= 1_000_000 for r in rows)
     assert recipe.data == str((RECIPES.parent / "data" / "debian-en").resolve())  # from the recipe's folder
     assert recipe.train["schedule"] == "wsd" and recipe.train["device"] == "cpu"
+
+
+def test_micro_1gpu_is_micro_cpu_ten_times_larger_with_dense_and_moe_references_at_equal_flops():
+    rows = plan("micro-1gpu.toml")
+    grid, refs = [r for r in rows if not r["reference"]], [r for r in rows if r["reference"]]
+    assert len({(r["grid.sparse_params"], r["grid.topm"]) for r in grid}) == 16 and len(grid) == 20
+    assert [r["kind"] for r in refs] == ["dense", "moe"]
+    assert all(abs(r["match_residual"]) < 0.001 and r["tokens"] >= 5_000_000 for r in rows)
+    cpu = plan("micro-cpu.toml")
+    assert 8 < grid[0]["activated_params"] / cpu[0]["activated_params"] < 12
+    assert max(r["sparse_params"] for r in grid) / max(r["sparse_params"] for r in cpu) == pytest.approx(10, rel=0.05)
 
 
 def test_moe_parity_compares_six_kinds_at_equal_flops_and_sparse_size():

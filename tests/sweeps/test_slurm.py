@@ -108,7 +108,8 @@ def test_a_sweep_runs_as_job_arrays_is_never_submitted_twice_and_status_asks_slu
     arrays = Counter(job["job_id"].split("_")[0] for job in jobs)
     assert len(jobs) == 4 and len(arrays) == math.ceil(4 / max_array_size())  # split under MaxArraySize
     code, out, _ = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")
-    assert code == 0 and "launched 0 runs" in out and jobs_of(sweep) == jobs  # queued or running: not again
+    assert code == 0 and "queued or running on Slurm; nothing to launch" in out  # not again …
+    assert jobs_of(sweep) == jobs
 
     calls = tmp_path / "calls"
     shims = tmp_path / "bin"
@@ -128,14 +129,15 @@ def test_a_sweep_runs_as_job_arrays_is_never_submitted_twice_and_status_asks_slu
     assert [r["job_id"] for r in state["runs"]] == [job["job_id"] for job in jobs]
     assert all(steps_logged(sweep / "runs" / job["run_id"]) == [1, 2, 3, 4] for job in jobs)
     code, out, _ = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")
-    assert "launched 0 runs" in out and jobs_of(sweep) == jobs
+    assert "4 of 4 runs already done; nothing to launch" in out and jobs_of(sweep) == jobs
 
 
 def test_a_requeued_then_preempted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(
         cluster, tmp_path, umv2, monkeypatch):
     import torch
 
-    from umv2cli.train import read_metrics, read_run_spec, train
+    from umv2cli.rundir import read_run_spec
+    from umv2cli.train import read_metrics, train
 
     recipe = write_recipe(tmp_path, "long", steps=600, sizes=[32])
     code, out, err = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")

@@ -4,8 +4,9 @@ import json
 import tomllib
 from pathlib import Path
 
-import optuna
 import pytest
+
+optuna = pytest.importorskip("optuna")
 
 from umv2cli.sweeps.plan import build_plan, run_id
 from umv2cli.sweeps.recipe import load_recipe

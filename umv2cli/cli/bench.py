@@ -1,6 +1,7 @@
 """`umv2 bench …`: speed on this device as ratios to references (results go to BENCHMARKS.md)."""
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -50,7 +51,8 @@ def plan(
         print(json.dumps(r, indent=2))
         return
     typer.echo(f"{r['runs']} runs ({r['match']}): read {r['load_s']:.3f} s, plan {r['plan_s']:.2f} s, rows to JSON "
-               f"{r['json_s']:.2f} s; {r['total_s']:.2f} s in all")
+               f"{r['json_s']:.2f} s; {r['total_s']:.2f} s in all; the 80-column table {r['table_s']:.2f} s, "
+               f"with --all {r['table_all_s']:.2f} s")
 
 
 @app.command()
@@ -97,9 +99,10 @@ def _print_rows(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(*rows[0].keys(), title=title)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may lack columns (an error, a skipped part)
+    table = Table(*keys, title=title)
     for r in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.get(k, "") for k in keys)))
     Console().print(table)
 
 
@@ -114,8 +117,8 @@ def _require_cuda() -> None:
 
 @app.command()
 def kernels(as_json: AsJson = False) -> None:
-    """The value lookup's forward and forward+backward over paper-like shapes, against copy bandwidth,
-    PyTorch, torch.compile and F.embedding_bag (CUDA)."""
+    """The value lookup's forward over paper-like shapes against copy bandwidth, PyTorch and F.embedding_bag, its
+    backward over its forward and in parts; the selection against PyTorch and torch.compile (CUDA)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_kernels
 
@@ -124,25 +127,51 @@ def kernels(as_json: AsJson = False) -> None:
         print(json.dumps(result, indent=2))
         return
     typer.echo(f"{result['device']}: copy {result['copy_TBps']:.2f} TB/s")
-    _print_rows([r for r in result["lookup"] if "skipped" not in r], "memory lookup, bf16")
+    _print_rows([r for r in result["lookup"] if "skipped" not in r and "error" not in r], "memory lookup, bf16")
     _print_rows(result["select"], "TDQKR selection, fp32 scores")
 
 
 @app.command()
 def layer(
-    preset: Annotated[str, typer.Option(help="An UltraMemV2 preset; its first memory layer is timed.")] = "ultramemv2-227m",
+    preset: Annotated[str, typer.Option(help="An UltraMemV2 or MoE preset; its first sparse layer is timed.")] = "ultramemv2-227m",
     tokens: Annotated[int, typer.Option(min=1, help="Tokens per call.")] = 16384,
     as_json: AsJson = False,
 ) -> None:
-    """One UltraMemV2 layer, forward and forward+backward under bf16 autocast: Triton, PyTorch, torch.compile (CUDA)."""
+    """One sparse layer, forward and forward+backward under bf16 autocast (CUDA). UltraMemV2: Triton, PyTorch,
+    torch.compile. MoE: grouped GEMM and the loop over experts, each against float64, and their determinism."""
     _require_cuda()
-    from umv2cli.kernel_bench import bench_layer
+    from umv2cli.config import MoEConfig
+    from umv2cli.kernel_bench import bench_layer, bench_moe_layer
+    from umv2cli.model.presets import get_preset
 
-    rows = bench_layer(preset, tokens)
+    moe = isinstance(get_preset(preset).sparse, MoEConfig)
+    rows = (bench_moe_layer if moe else bench_layer)(preset, tokens)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     _print_rows(rows, f"{preset}: one memory layer")
+
+
+@app.command(name="all")
+def all_sections(
+    out: Annotated[str, typer.Option(help="Folder for results.json and results.txt (written after each section).")],
+    preset: Annotated[str, typer.Option(help="The UltraMemV2 preset of the layer and training sections.")]
+    = "ultramemv2-227m",
+    sections: Annotated[list[str] | None, typer.Option("--section", help="Run only these sections, in this order "
+                                                       "(kernels, layer, train, curves, curves_moe, train_compiled, select).")] = None,
+    budget_s: Annotated[float, typer.Option(min=0, help="Start no section after this many seconds.")] = 420.0,
+) -> None:
+    """Every speed of issue 15 in one run (CUDA): the lookup's backward over its forward and its forward against
+    copy bandwidth; one layer against PyTorch and torch.compile; training tokens/s of UltraMemV2, MoE and dense,
+    eager and compiled; the loss curves of the Triton path against the references; the goals met or not."""
+    _require_cuda()
+    from umv2cli.errors import UserError
+    from umv2cli.kernel_bench import SECTIONS, render, run_all
+
+    unknown = sorted(set(sections or []) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"--section {', '.join(unknown)}: unknown; use some of {', '.join(SECTIONS)}")
+    typer.echo(render(run_all(out, preset, sections or SECTIONS, budget_s)))
 
 
 @app.command(name="train")
@@ -153,7 +182,8 @@ def train_speed(
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per model.")] = 10,
     as_json: AsJson = False,
 ) -> None:
-    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 and dense at equal activated params (CUDA)."""
+    """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 (grouped GEMM and loop) and dense at equal
+    activated params (CUDA), eagerly (`umv2 bench all` adds compiled runs)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_train
 
@@ -196,11 +226,12 @@ def dist(
 
 @app.command()
 def curves(
-    preset: Annotated[str, typer.Option(help="An UltraMemV2 preset small enough to train a few hundred steps.")] = "tiny-ultramemv2",
+    preset: Annotated[str, typer.Option(help="An UltraMemV2 or MoE preset small enough to train a few hundred steps.")] = "tiny-ultramemv2",
     steps: Annotated[int, typer.Option(min=1)] = 300,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, the curves included.")] = False,
 ) -> None:
-    """Train one model with the Triton kernels and with the references on CUDA; compare the loss curves."""
+    """Train one model on its fast path and on its reference on CUDA (UltraMemV2: Triton kernels and references;
+    MoE: grouped GEMM and the loop over experts); compare the loss curves."""
     _require_cuda()
     from umv2cli.kernel_bench import training_curves
 
@@ -208,5 +239,40 @@ def curves(
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    fast, reference = result["paths"]
     typer.echo(f"{preset}, {steps} steps: largest per-step loss gap {result['max_abs_gap']:.4f}; mean of the last "
-               f"20 losses: Triton {result['final']['triton']:.4f}, reference {result['final']['torch']:.4f}")
+               f"20 losses: {fast} {result['final'][fast]:.4f}, {reference} {result['final'][reference]:.4f}")
+
+
+@app.command()
+def pack(
+    recipe: Annotated[Path | None, typer.Argument(
+        help="A recipe: its middle grid point is the packed run (default: --preset on the builtin corpus, "
+             "32 × 128 tokens a step).")] = None,
+    runs_per_gpu: Annotated[str, typer.Option(help="The values of K to measure, comma-separated.")] = "1,2,4,8",
+    preset: Annotated[str, typer.Option(help="The model of the default run.")] = "tiny-ultramemv2",
+    seconds: Annotated[float, typer.Option(min=1, help="Training time of each run after its first step.")] = 20,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds after the last run's first step that are not "
+                                                      "counted.")] = 2,
+    as_json: AsJson = False,
+) -> None:
+    """Tokens/s of K runs at once on one GPU (the first of CUDA_VISIBLE_DEVICES), placed as `umv2 sweep run
+    --runs-per-gpu K` places them, for each K: how many small runs to pack onto a GPU."""
+    from umv2cli.bench import pack_spec, pack_throughput
+    from umv2cli.errors import UserError
+    from umv2cli.sweeps.workers import visible_gpus
+
+    ks = [k.strip() for k in runs_per_gpu.split(",")]
+    if not all(k.isdigit() and int(k) > 0 for k in ks):
+        raise UserError(f"--runs-per-gpu {runs_per_gpu}: expected positive integers separated by commas, e.g. 1,2,4,8")
+    gpus = visible_gpus()
+    if not gpus:
+        raise UserError("umv2 bench pack: needs a GPU; run it on a GPU machine")
+    rows = pack_throughput(pack_spec(recipe, preset), [int(k) for k in ks], gpus[0], seconds, warmup)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    _print_rows([{"K": r["runs_per_gpu"], "tokens/s in all": r["tokens_per_s"],
+                  "tokens/s per run": r["tokens_per_s_per_run"], "× K=1": r["speedup"],
+                  "window (s)": r["window_s"], "GPU memory per run (GB)": r["gpu_reserved_gb"]} for r in rows],
+                f"{recipe or preset}: K runs on GPU {gpus[0]}")

@@ -10,43 +10,45 @@ import typer
 app = typer.Typer(help="Grids of runs from a recipe.", no_args_is_help=True)
 SLURM = "Slurm (these override the recipe's slurm table)"
 WAIT = "Slurm: return when the launched runs have ended, not once submitted."
+WORKERS = ("Local: worker processes in all, each running one run at a time (default: one per GPU × "
+           "--runs-per-gpu, or one per CPU without GPU).")
+RUNS_PER_GPU = "Local, on GPUs: workers per GPU, to pack small runs onto each GPU."
 SHOWN = 20
 """Runs on Slurm that `status` lists before it counts the rest."""
+FORCE = "Plan a grid larger than the limit (100,000 runs; sweeps.plan.MAX_RUNS)."
 
 
 @app.command()
 def plan(
     recipe: Annotated[Path, typer.Argument(help="A recipe .toml (see recipes/ and the README).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows (every field) instead of a table.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column at full length, whatever the terminal's "
+                                                      "width.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="Every run of a long plan, not its first and last "
+                                                         "ones.")] = False,
     mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
     gpus_per_run: Annotated[int | None, typer.Option(
         min=1, help="GPUs a run (default: the recipe's slurm nodes × gpus, or 1).")] = None,
+    force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
 ) -> None:
-    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens, GPUs, GPU-hours and wall-clock hours of each."""
-    from umv2cli.sweeps.plan import build_plan
+    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each, and the
+    wall-clock hours of the longest run on its GPUs."""
+    import shutil
+
+    from umv2cli.cli.plan_table import plan_lines
+    from umv2cli.sweeps.plan import MAX_RUNS, build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
-    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, processes=gpus_per_run)]
+    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, max_runs=None if force else MAX_RUNS,
+                                          processes=gpus_per_run)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    from umv2cli.cli.model import _count
-
-    axes = [k for k in rows[0] if k.startswith("grid.")]
-    table = Table("run", "seed", *[a.removeprefix("grid.") for a in axes], "kind", "P", "m", "m/N", "activated",
-                  "FLOPs/tok", "tokens", "Δ match", "GPUs", "GPU-h", "wall h", title=f"{recipe} ({len(rows)} runs)")
-    for r in rows:
-        table.add_row(r["run_id"], str(r["seed"]), *[str(r[a]) for a in axes], r["kind"], _count(r["sparse_params"]),
-                      str(r["topm"]), f"{r['density']:.2e}", _count(r["activated_params"]),
-                      _count(r["flops_per_token"]), _count(r["tokens"]), f"{100 * r['match_residual']:+.2f}%",
-                      str(r["gpus"]), f"{r['gpu_hours']:.3g}", f"{r['wall_hours']:.3g}")
-    Console().print(table)
+    lines = plan_lines(rows, str(recipe), shutil.get_terminal_size().columns, wide=wide, show_all=show_all)
+    print("\n".join(lines))
     typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100; "
-               f"the longest run {max(r['wall_hours'] for r in rows):.3g} wall-clock hours on {rows[0]['gpus']} GPUs "
-               "(if each of them is as fast as one alone)")
+               f"the longest run {max(r['wall_hours'] for r in rows):.3g} wall-clock hours on {rows[0]['gpus']} GPU"
+               f"{'s' * (rows[0]['gpus'] != 1)} (if each is as fast as one alone)")
 
 
 @app.command()
@@ -55,11 +57,13 @@ def run(
     out: Annotated[Path, typer.Option(help="Sweeps go to OUT/<recipe name>/.")] = Path("out"),
     executor: Annotated[str, typer.Option(
         help="Where runs execute: local (a pool of workers here) or slurm (job arrays through submitit).")] = "local",
-    workers: Annotated[int | None, typer.Option(min=1, help="Local workers (default: one per CPU).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help=WORKERS)] = None,
+    runs_per_gpu: Annotated[int, typer.Option(min=1, help=RUNS_PER_GPU)] = 1,
     gpus_per_run: Annotated[int, typer.Option(
         min=1, help="Local: processes of each run (one per GPU; CPU processes without GPUs), started by torchrun.")] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
     partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
     account: Annotated[str | None, typer.Option(help="Slurm account.", rich_help_panel=SLURM)] = None,
     qos: Annotated[str | None, typer.Option(help="Slurm QOS.", rich_help_panel=SLURM)] = None,
@@ -78,8 +82,9 @@ def run(
 
     slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "nodes": nodes, "gpus": gpus, "cpus": cpus,
              "mem_gb": mem_gb, "constraint": constraint}
-    sweep, results = launch(recipe, out, executor=executor, workers=workers, gpus_per_run=gpus_per_run, slurm=slurm,
-                            wait=wait, retry_failed=retry_failed, on_done=_print_done)
+    sweep, results = launch(recipe, out, executor=executor, workers=workers, runs_per_gpu=runs_per_gpu,
+                            gpus_per_run=gpus_per_run, slurm=slurm, wait=wait, retry_failed=retry_failed, force=force,
+                            on_done=_print_done)
     _summary(sweep, results)
 
 
@@ -88,17 +93,34 @@ def _print_done(run_id: str, status: str) -> None:
 
 
 def _summary(sweep: Path, results: dict[str, str]) -> None:
-    """The launch's last line; exit code 1 if a run ended without finishing."""
+    """The launch's last line; exit code 1 if a run ended without finishing, or runs elsewhere."""
     queued = [s.removeprefix("queued as Slurm job ") for s in results.values() if s.startswith("queued as Slurm job ")]
     if queued:
         arrays = Counter(job.split("_")[0] for job in queued)  # "812_4" → array 812
         jobs = ", ".join(f"{array} ({n} run{'s' if n > 1 else ''})" for array, n in arrays.items())
         typer.echo(f"submitted {len(queued)} runs to Slurm as jobs {jobs}; follow them with: umv2 sweep status {sweep}")
         return
-    failed = sum(not s.startswith("done") for s in results.values())
-    typer.echo(f"launched {len(results)} runs ({failed} not done); sweep in {sweep}/")
-    if failed:
+    if not results:
+        _nothing_to_launch(sweep)
+        return
+    elsewhere = sum(s.startswith("running elsewhere") for s in results.values())
+    failed = sum(not s.startswith(("done", "running elsewhere")) for s in results.values())
+    skipped = f"; {elsewhere} running elsewhere, left to them" if elsewhere else ""
+    typer.echo(f"launched {len(results) - elsewhere} runs ({failed} not done){skipped}; sweep in {sweep}/")
+    if failed or elsewhere:
         raise typer.Exit(1)
+
+
+def _nothing_to_launch(sweep: Path) -> None:
+    """E.g. "6 of 6 runs already done; nothing to launch", naming the runs that are not done and why."""
+    from umv2cli.sweeps.ledger import sweep_status
+
+    state = sweep_status(sweep)
+    others = [f"{state['failed']} failed (--retry-failed runs them again)"] if state["failed"] else []
+    if state["running"] + state["queued"]:
+        others.append(f"{state['running'] + state['queued']} queued or running on Slurm")
+    typer.echo(f"{state['done']} of {state['total']} runs already done{''.join(', ' + o for o in others)}; "
+               f"nothing to launch; sweep in {sweep}/")
 
 
 @app.command()

@@ -15,11 +15,18 @@ def train(
              "`[train]` and `data`; or a model config file.", dir_okay=False)] = None,
     preset: Annotated[str | None, typer.Option(help="Model preset (see `umv2 model presets`).")] = None,
     data: Annotated[str | None, typer.Option(help="Prepared data directory, or \"builtin\".")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the weights and the data order.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    steps: Annotated[int | None, typer.Option(help="[train] steps: optimizer steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="[train] lr: the peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="[train] batch_size: sequences per micro-batch.")]
+    = None,
+    seq_len: Annotated[int | None, typer.Option(min=1, help="[train] seq_len: tokens per sequence (at most the "
+                                                            "model's).")] = None,
+    ckpt_every: Annotated[int | None, typer.Option(help="[train] ckpt_every: checkpoint every N steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="[train] eval_every: evaluate every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="[train] seed: of the weights and the data order.")] = None,
+    device: Annotated[str | None, typer.Option(help="[train] device: auto, cpu, cuda or cuda:N.")] = None,
+    use_compile: Annotated[bool | None, typer.Option("--compile/--no-compile",
+                                                     help="[train] compile: run the model through torch.compile.")] = None,
     out: Annotated[Path | None, typer.Option(help="The run directory to create.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     data_parallel: Annotated[str | None, typer.Option(
@@ -30,21 +37,25 @@ def train(
         rich_help_panel=LAYOUT)] = None,
 ) -> None:
     """Train one model; results go to --out (spec.json, metrics.jsonl, eval.json, ckpt/, STATUS).
-    Under torchrun (`torchrun --nproc-per-node N -m umv2cli train …`) the N processes train it together."""
+
+    The [train] flags override those fields of CONFIG's [train] table. Under torchrun
+    (`torchrun --nproc-per-node N -m umv2cli train …`) the N processes train it together."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from umv2cli.config import run_spec_from_dict
     from umv2cli.errors import UserError
     from umv2cli.parallel import RanksLost
-    from umv2cli.train import RunFailed, read_run_spec, train as run_training
+    from umv2cli.rundir import read_run_spec
+    from umv2cli.train import RunFailed, train as run_training
 
     if (out is None) == (resume is None):
         raise UserError("give exactly one of --out DIR (a new run) or --resume DIR (continue one)")
     layout = {"data_parallel": data_parallel, "memory_parallel": memory_parallel}
+    overrides = {"steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len, "ckpt_every": ckpt_every,
+                 "eval_every": eval_every, "seed": seed, "device": device, "compile": use_compile}
     if resume is None:
-        spec = _run_spec(config, preset, data, {"steps": steps, "ckpt_every": ckpt_every, "eval_every": eval_every,
-                                                "seed": seed, "device": device, **layout})
-    elif any(v is not None for v in (config, preset, data, steps, ckpt_every, eval_every, seed, device)):
+        spec = _run_spec(config, preset, data, overrides | layout)
+    elif any(v is not None for v in (config, preset, data, *overrides.values())):
         raise UserError("--resume DIR continues the run as its spec.json says; drop the other options "
                         "(but --data-parallel and --memory-parallel, which may change)")
     else:

@@ -11,8 +11,10 @@ def tune(
     out: Annotated[Path, typer.Option(help="Studies, trials and best.toml go to OUT/<recipe name>/.")] = Path("out"),
     executor: Annotated[str, typer.Option(help="Where trials train: local (a pool of workers here) or slurm "
                                                 "(a job per trial, options from the recipe's slurm table).")] = "local",
-    workers: Annotated[int | None, typer.Option(min=1, help="Trials at once (default: one per CPU here, "
+    workers: Annotated[int | None, typer.Option(min=1, help="Trials at once (default here: one per GPU × "
+                                                             "--runs-per-gpu, or one per CPU without GPU; "
                                                              "4 on Slurm).")] = None,
+    runs_per_gpu: Annotated[int, typer.Option(min=1, help="Local, on GPUs: trials per GPU.")] = 1,
     n_trials: Annotated[int | None, typer.Option(min=1, help="Trials per study (default: the recipe's).")] = None,
     storage: Annotated[str | None, typer.Option(help="A PostgreSQL/MySQL URL instead of the journal file "
                                                      "OUT/<name>/tune.journal.")] = None,
@@ -26,7 +28,7 @@ def tune(
         typer.echo(f"{group}: trial {trial.number} {values}: {trial.state.name.lower()}, {result}")
 
     folder, summary = run_studies(recipe, out, executor=executor, storage=storage, workers=workers,
-                                  n_trials=n_trials, on_trial=show)
+                                  runs_per_gpu=runs_per_gpu, n_trials=n_trials, on_trial=show)
     for group, s in summary.items():
         best = "no trial completed" if s["best_value"] is None else f"best {s['best_value']:.4f} {s['best_params']}"
         typer.echo(f"{group}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed; {best}")

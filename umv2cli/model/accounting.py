@@ -16,7 +16,7 @@ Conventions (stated once, here):
 - FLOPs are forward FLOPs per token, 2 per multiply-accumulate, of every matmul: attention
   projections, attention scores at the full context `seq_len` (QKᵀ and AV, no causal halving,
   as Chinchilla counts), FFNs, sparse layers and the LM head. A training step costs ≈ 3× that.
-- MCP (memory computational proportion, paper §4.2.4; paper-notes §3) = sparse-layer MACs /
+- MCP (memory computational proportion, paper §4.2.4; docs/fidelity.md §5) = sparse-layer MACs /
   (attention-projection + FFN + sparse-layer MACs): the per-token linear compute, without
   attention scores or the LM head.
 - decode bytes = sparse-table bytes fetched per token at batch 1 (activated sparse params ×

@@ -1,9 +1,9 @@
-"""Initialization schemes shared by every module (paper App. A; paper-notes §2).
+"""Initialization schemes shared by every module (paper App. A; docs/fidelity.md §3).
 
 `paper`: every linear layer gets the "small init" std sqrt(2/(5h)) of Nguyen & Salazar; output
 projections of attention and FFNs (experts included) additionally get × 1/sqrt(2L); tables follow
 each layer's own rule (UltraMemV2: eq. 26). `official`: the official code's choices where it
-differs (paper-notes §2.2); for the dense backbone it is the same (OLMo's `full_megatron`).
+differs (docs/fidelity.md §3.2); for the dense backbone it is the same (OLMo's `full_megatron`).
 Normal draws are truncated at 3σ, as in OLMo.
 """
 

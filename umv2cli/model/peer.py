@@ -1,4 +1,4 @@
-"""PEER: Parameter Efficient Expert Retrieval (He 2024, arXiv 2407.04153; paper-notes §8.2).
+"""PEER: Parameter Efficient Expert Retrieval (He 2024, arXiv 2407.04153; docs/fidelity.md §8.2).
 
 A pool of N = knum² singleton experts, each one hidden neuron with an input and an output vector,
 addressed through product keys. PEER replaces a block's FFN (the paper: the middle block) and
@@ -52,7 +52,7 @@ class PEER(nn.Module):
     def reset_parameters(self, ctx: InitContext) -> None:
         """Neither the PEER paper nor UltraMemV2 App. A gives this layer its own init, so `paper`
         and `official` coincide here: small init for the query projection (the only linear layer),
-        lucidrains' PEER-pytorch keys (paper-notes §8.6), and the expert tables treated as the FFN
+        lucidrains' PEER-pytorch keys (docs/fidelity.md §8.6), and the expert tables treated as the FFN
         that PEER replaces, one row each of its input and output projections (PEER-pytorch leaves
         them at nn.Embedding's N(0, 1), so <w_down, u> has variance H and the output is O(√H))."""
         normal_(self.w_q_QDH, ctx.small_std)  # App. A; scale-free after the RMSNorm but for gradients
@@ -80,7 +80,7 @@ class PEER(nn.Module):
         return s_BTQK, grid_idx_BTQC.gather(-1, pos_BTQK)
 
     def tables(self) -> list[nn.Parameter]:
-        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        """The memory tables, for the value-lr parameter group (docs/fidelity.md §4)."""
         return [self.w_down_XH, self.w_up_XH]
 
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

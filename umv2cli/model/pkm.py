@@ -1,5 +1,5 @@
 """Product-key memory (Lample et al. 2019, arXiv 1907.05242) and Memory+ (Berges et al. 2024,
-"Memory Layers at Scale", arXiv 2412.09764, eq. 2); paper-notes §8.3-8.5.
+"Memory Layers at Scale", arXiv 2412.09764, eq. 2); docs/fidelity.md §8.3-8.4.
 
 A large value table of knum² rows is addressed by the Cartesian product of two sub-key tables of
 knum rows each, so finding the best k of knum² keys costs two searches over knum sub-keys plus k²
@@ -8,7 +8,7 @@ candidate sums. Per token, for each head (the heads' outputs are summed, as in X
   1. query: q = W_q u, split into half-queries q1, q2 of dk/2; with `qk_norm`, RMSNorm on each half.
   2. sub-keys K1, K2 (knum × dk/2 per head); with `qk_norm` they are RMS-normalized too. The
      UltraMem repo's Memory+ computes the key norm and then overwrites it with the raw keys, so
-     only its query is normalized (paper-notes §8.5); we normalize both.
+     only its query is normalized (docs/fidelity.md §8.4); we normalize both.
   3. half scores s1 = K1 q1, s2 = K2 q2; top-k of each.
   4. the k×k candidate sums s1[i] + s2[j]; top-k of them, at table row i·knum + j. This is exactly
      the top-k of q·[K1_i ; K2_j] over all knum² full keys.
@@ -79,7 +79,7 @@ class ProductKeyMemory(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, ctx: InitContext) -> None:
-        """`official`: Meta's reference code (paper-notes §8.4); `paper`: small init for every linear.
+        """`official`: Meta's reference code (docs/fidelity.md §8.4); `paper`: small init for every linear.
         Tables and keys are the same in both. A shared pool is re-drawn by each layer (same law)."""
         normal_(self.values, self.cfg.dv**-0.5)
         bound = 1 / math.sqrt(self.cfg.dk)  # Meta: 1/sqrt(k_dim), the full query dim (XLM: 1/sqrt(dk/2))
@@ -97,7 +97,7 @@ class ProductKeyMemory(nn.Module):
             normal_(self.w1.weight, self.d_model**-0.5)  # Meta: the layer's output_dim for both projections
 
     def tables(self) -> list[nn.Parameter]:
-        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        """The memory tables, for the value-lr parameter group (docs/fidelity.md §4)."""
         return [self.values]
 
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

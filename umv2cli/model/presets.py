@@ -1,7 +1,7 @@
 """Named model configs: the paper's Table 10 rows, the Table 4 MCP ablation, and tiny models.
 
 Each preset is a plain function returning a `ModelConfig`, collected in `PRESETS`. Sources:
-Table 10 (paper App. C) and the official run scripts (paper-notes §4.1); OLMo's
+Table 10 (paper App. C) and the official run scripts (docs/fidelity.md §6); OLMo's
 `mlp_hidden_size` is twice our `ffn_hidden` (the SwiGLU inner width).
 """
 
@@ -40,7 +40,7 @@ def ultramem_227m() -> ModelConfig:
 
 def memoryplus_227m() -> ModelConfig:
     """Memory+-227M/1.2B: 4 layers 4:4/8:8/12:12/16:16 sharing one pool, n 1138, 2×80, D_k 384,
-    D_v 768 (Table 10's "384" is a typo, paper-notes §4.1 †), FFN 6016/2 (run_memory_plus.sh)."""
+    D_v 768 (Table 10's "384" is a typo, docs/fidelity.md §6 †), FFN 6016/2 (run_memory_plus.sh)."""
     return _olmoe_227m_backbone(ffn_hidden=3008, sparse=PKMConfig(
         knum=1138, topm=80, heads=2, dk=384, dv=768, placement="4:4/8:8/12:12/16:16"))
 
@@ -55,7 +55,7 @@ def ultramemv2_1b7b() -> ModelConfig:
     """UltraMemV2-1B/7B (Table 10 prints "1M/7B"): n 528, D_k 512, m 128, D_v 768, D_p 384.
     The FFN width is not printed (run_ultramem_v2.sh is a different test config); 6976 gives
     Table 10's 1079M activated (without embeddings). Its 6.70B total cannot be reached with
-    n = 528 (paper-notes §4.1 ‡): we get 6.21B (README, "Accounting")."""
+    n = 528 (docs/fidelity.md §6 ‡): we get 6.21B (docs/accounting.md §3)."""
     return ModelConfig(d_model=2048, n_layers=16, n_heads=16, ffn_hidden=6976, seq_len=4096,
                        tie_embeddings=False, sparse=UltraMemV2Config(
                            knum=528, topm=128, dk=512, dv=768, dp=384))
@@ -72,7 +72,7 @@ def mcp_ablation(dk: int) -> ModelConfig:
     """The Table 4 model with key dim `dk`. The paper holds total compute fixed and resizes the FFN
     (§4.2.4) but does not print the FFN width; we anchor it at the paper's chosen point
     (D_k = 524 → MCP 17.0%) and give every other D_k the FFN that keeps the per-token linear
-    compute equal to that anchor's (README, "Accounting")."""
+    compute equal to that anchor's (docs/accounting.md §4)."""
     from umv2cli.model.ultramemv2 import ultramemv2_costs
 
     h = 1152

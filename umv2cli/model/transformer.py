@@ -3,7 +3,7 @@
 Pre-norm blocks with RMSNorm, rotary position embeddings, causal attention through
 `F.scaled_dot_product_attention`, and a SwiGLU FFN; tied or untied embeddings. A sparse layer
 reads the normed FFN input u of its read block and its output joins the residual after its write
-block (paper-notes §1.1):
+block (docs/fidelity.md §2.1):
 
     h       = x_l + Attn(RMSNorm(x_l))
     u       = RMSNorm(h)                               shared input of FFN and memory
@@ -81,7 +81,7 @@ def build_sparse_layers(cfg: ModelConfig) -> tuple[nn.ModuleList, nn.Parameter |
     elif isinstance(sparse, PEERConfig):
         layers = [PEER(sparse, h) for _ in range(n)]
     elif isinstance(sparse, MoEConfig):
-        layers = [MoE(sparse, h) for _ in range(n)]
+        layers = [MoE(sparse, h, n_layers=n) for _ in range(n)]  # aux: the layers' mean
     else:
         layers = []
     return nn.ModuleList(layers), pool
@@ -110,13 +110,15 @@ class Transformer(nn.Module):
         x = self.embed(idx_BT)
         aux = x.new_zeros(())
         written: dict[int, torch.Tensor] = {}  # write block → sum of sparse outputs due after it
+        windows = (ultramemv2.pool_windows(self.memory_pool, list(self.sparse))
+                   if isinstance(self.cfg.sparse, UltraMemV2Config) else None)
         for i, block in enumerate(self.blocks):
             h = x + block.attn(block.attn_norm(x), self.rope_cos, self.rope_sin)
             u = block.ffn_norm(h)
             x = h + block.ffn(u) if block.ffn is not None else h
-            for layer, (read, write) in zip(self.sparse, self.pairs):
+            for k, (layer, (read, write)) in enumerate(zip(self.sparse, self.pairs)):
                 if read == i:
-                    y, layer_aux = layer(u)
+                    y, layer_aux = layer(u) if windows is None else layer(u, window=windows[k])
                     written[write] = written.get(write, 0) + y
                     aux = aux + layer_aux
             if i in written:
@@ -133,7 +135,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def refresh_rank1(self) -> None:
         """Refresh the TDQKR prefilter vectors of every layer that has them; call once per
-        optimizer step (paper-notes §1.3 step 4)."""
+        optimizer step (docs/fidelity.md §2.2 step 4)."""
         for layer in self.sparse:
             if hasattr(layer, "refresh_rank1"):
                 layer.refresh_rank1()

@@ -1,5 +1,5 @@
 """UltraMem v1 memory layer (Huang et al., ByteDance, "Ultra-Sparse Memory Network", arXiv 2411.12364,
-ICLR 2025; paper-notes §8.1, the official `olmo/ultramem_layer.py`, code-anchors §3).
+ICLR 2025; docs/fidelity.md §8.1; the official `olmo/ultramem_layer.py`).
 
 A few large memory layers in skip-layer pairs: the layer reads the normed FFN input of block a and
 the transformer adds its output after block b (`placement = "2:5/6:9/…"`). Per token, per head:
@@ -18,16 +18,18 @@ Steps 4-6 are `select_topm_reference` (kernels/tdqkr.py) with k_rc = m, as in v1
 `memory_lookup_reference`: that kernel sums all m selections into one D_v vector, while v1 needs
 one sum per virtual block.
 
-The aux loss is the Tucker penalty α/(r−1)·Σ_c Σ_{i≥2} max(0, λ_i(C_c) − τ)² on each core's
-singular values (v1 Table 5: α = 0.001, τ = 0.15); it keeps the cores near rank 1 so the
-prefilter of step 4 finds the true top-m.
+The aux loss is the Tucker penalty α/(r−1)·Σ_{i≥2} max(0, λ_i(Σ_c C_c) − τ)² on the singular
+values of the summed core (v1 Table 5: α = 0.001, τ = 0.15). The sum is the matrix whose leading
+singular pair is the prefilter's (u, v) and whose score Σ_c S_row^T C_c S_col ranks the cells in
+step 6, so the penalty keeps exactly that matrix near rank 1, where the rank-1 prefilter of step 4
+finds the true top-m. (The cores one by one may be far from rank 1 while their sum is not.)
 
 Where we differ from the official v1 code: each head has its own row/column query (the code
 shares one query between the 2 heads), the cores and (u, v) are shared by all heads (the code
 has one set per head), RMSNorm replaces LayerNorm, and the penalty is applied (the code computes
-relu(σ₂(Σ_c C_c) − τ)², averaged, and leaves it commented out).
+relu(σ₂(Σ_c C_c) − τ)² on the same summed core, averaged over heads, and leaves it commented out).
 
-What V2 later changed (paper-notes §8.1): one projector W instead of E (eq. 12), a layer in every
+What V2 later changed (docs/fidelity.md §8.1): one projector W instead of E (eq. 12), a layer in every
 block instead of skip-layer pairs, no aux loss, per-rank queries, 1 head, PEER pre-values.
 """
 
@@ -58,7 +60,7 @@ class UltraMemV1(nn.Module):
         super().__init__()
         self.cfg = cfg
         A, R, D, E = cfg.heads, cfg.rank, cfg.dk, cfg.value_expand
-        self.n_keys = math.isqrt(E) * cfg.knum  # IVE: key_num = √E·knum (paper-notes §8.1)
+        self.n_keys = math.isqrt(E) * cfg.knum  # IVE: key_num = √E·knum (docs/fidelity.md §8.1)
         self.w_q = nn.Linear(d_model, A * 2 * D, bias=False)
         self.g_q_D = nn.Parameter(torch.empty(D))
         self.keys_ASRND = nn.Parameter(torch.empty(A, 2, R, self.n_keys, D))
@@ -74,13 +76,13 @@ class UltraMemV1(nn.Module):
         self.register_buffer("rank1_v_R", torch.zeros(R), persistent=True)
 
     def tables(self) -> list[nn.Parameter]:
-        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        """The memory tables, for the value-lr parameter group (docs/fidelity.md §4)."""
         return [self.values_PV]
 
     def forward(self, u_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_BTH: normed FFN input of the read block [B, T, H]. Returns (y_BTH, aux): aux is the
         0-dim, already α-weighted Tucker singular-value penalty
-        α/(r−1)·Σ_c Σ_{i≥2} max(0, λ_i(C_c) − τ)² (v1; paper-notes §1.6, §8.1)."""
+        α/(r−1)·Σ_{i≥2} max(0, λ_i(Σ_c C_c) − τ)² (v1; docs/fidelity.md §2.5, §8.1)."""
         B, T, H = u_BTH.shape
         K, J, E, P = B * T, self.cfg.heads * self.cfg.topm, self.cfg.value_expand, self.cfg.knum**2
         rows_GM, cols_GM, scores_GMC = self.select(u_BTH.reshape(K, H))  # steps 1-6
@@ -111,11 +113,12 @@ class UltraMemV1(nn.Module):
                                      self.rank1_v_R, k_rc=self.cfg.topm, topm=self.cfg.topm)
 
     def aux_loss(self) -> torch.Tensor:
-        """α/(r−1)·Σ_c Σ_{i≥2} max(0, λ_i(C_c) − τ)²; 0 for r = 1, where there is no λ_2."""
+        """α/(r−1)·Σ_{i≥2} max(0, λ_i(Σ_c C_c) − τ)² on the summed core, the one `rank1_vectors`
+        takes (u, v) from; 0 for r = 1, where there is no λ_2."""
         # svdvals needs float32 or wider; a float64 layer keeps float64 (gradcheck)
-        cores_CRR = self.cores_CRR.to(torch.promote_types(self.cores_CRR.dtype, torch.float32))
-        lam_CR = torch.linalg.svdvals(cores_CRR)  # descending
-        excess = F.relu(lam_CR[:, 1:] - self.cfg.aux_tau).pow(2).sum()
+        core_RR = self.cores_CRR.sum(0).to(torch.promote_types(self.cores_CRR.dtype, torch.float32))
+        lam_R = torch.linalg.svdvals(core_RR)  # descending
+        excess = F.relu(lam_R[1:] - self.cfg.aux_tau).pow(2).sum()
         return self.cfg.aux_coef / max(self.cfg.rank - 1, 1) * excess
 
     @torch.no_grad()
@@ -128,7 +131,7 @@ class UltraMemV1(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, ctx: InitContext) -> None:
-        """`official` (the v1 code, paper-notes §8.1): values N(0, 0.02²), W_q N(0, 1/D_k), out
+        """`official` (the v1 code, docs/fidelity.md §8.1): values N(0, 0.02²), W_q N(0, 1/D_k), out
         projection N(0, 1/(E·D_v)). `paper` (v1's improved init, §8.1): values N(0, E/(2·m·heads·L)),
         so the output variance is about 1/(2L) as for an MLP; W_q and out projection small init.
         Both: norm weights D_k^-0.33, keys N(0, 1/D_k) (they are normed anyway), cores U(0, 1),

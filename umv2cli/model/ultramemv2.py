@@ -1,8 +1,8 @@
 """UltraMemV2 memory layer (Huang et al., ByteDance Seed, arXiv 2508.18756, §3).
 
 Every transformer block holds one, beside its SwiGLU FFN: both read the same normed input u and
-their outputs are added to the residual, x_{l+1} = h + FFN(u) + Mem(u) (paper-notes §1.1).
-The forward follows paper-notes §1.3:
+their outputs are added to the residual, x_{l+1} = h + FFN(u) + Mem(u) (docs/fidelity.md §2.1).
+The forward follows docs/fidelity.md §2.2:
 
      1  queries: one per side (row, column) and per Tucker rank, RMS-normed (eq. 6/10)
      2  keys: RMS-normed row/column keys, one set per rank
@@ -21,7 +21,8 @@ swaps in the Triton kernels beside them, which equal the references (the selecti
 in fp32 and breaks ties toward the lower id, see kernels/tdqkr.py).
 
 Value pool. All UltraMemV2 layers of a model read one parameter `pool` of L_m·n² rows, each row
-``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²). With ring
+``[pre-value (D_p) | value (D_v)]``. Layer l's home table is rows [l·n², (l+1)·n²); without ring
+sharing the model hands each layer its home table as a view of its own (`pool_windows`). With ring
 sharing over g tables (§4.2.8, Sg-Ring) its window is n_w² = isqrt(g·n²)² rows centred on its home
 table, wrapping around the pool; the keys per side grow to E_k·n_w. Key expansion E_k (§3.3)
 enlarges the virtual grid to (E_k·n_w)² cells that the shuffle maps onto the window; with one
@@ -29,10 +30,10 @@ projector the per-group sums of the code are simply summed, so a cell's group do
 
 Paper vs official code (each difference has a switch):
 - per-rank queries (paper §3.2); the code shares one row and one column query across ranks
-  (paper-notes §9.3): `shared_rank_query = true`.
+  (docs/fidelity.md §9.3): `shared_rank_query = true`.
 - pre-value neuron without activation (eq. 15); the code's `mem_use_glu_act`: `pre_value_act = "gelu"`.
 - row/column candidates k_rc = min(m, 128) (paper §4.1); the code uses k_rc = m: set `k_rc`.
-- ring windows centred on the layer (paper §4.2.8); the code's window runs forward only (§9.12).
+- ring windows centred on the layer (paper §4.2.8); the code's window runs forward only (docs/fidelity.md §9.12).
 - init: App. A (`init = "paper"`, see `reset_parameters`) or the code's constants (`"official"`).
 """
 
@@ -43,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from umv2cli.config import UltraMemV2Config
+from umv2cli.kernels import resolve_impl
 from umv2cli.kernels.lookup import memory_lookup
 from umv2cli.kernels.tdqkr import rank1_vectors, select_topm, select_topm_reference
 from umv2cli.model.costs import LayerCosts
@@ -82,22 +84,35 @@ class UltraMemV2(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward, steps 1-10
 
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss)."""
+    def forward(self, u: torch.Tensor, window: tuple[torch.Tensor, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss).
+        `window`: this layer's rows of the pool as their own tensor (see `pool_windows`)."""
         u_BH = u.reshape(-1, u.shape[-1])
         p_BM, scores_BMC = self.select(u_BH)  # steps 1-7
         x_p_BP = self.w_pre(u_BH) if self.w_pre is not None else u_BH.new_zeros(u_BH.shape[0], 0)
-        o_BV = self.lookup(x_p_BP, p_BM, scores_BMC)  # steps 8-9
+        o_BV = self.lookup(x_p_BP, p_BM, scores_BMC, window=window)  # steps 8-9
         y_BH = self.w_o(o_BV)  # step 10 (eq. 12/15)
         return y_BH.view(u.shape), u.new_zeros(())
 
-    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor) -> torch.Tensor:
-        """Steps 8-9 by `cfg.kernels` → o [B, D_v]. The Triton kernels take one dtype, so x_p and the
-        scores (bf16 under autocast) join the pool's (fp32) and o returns in the scores' dtype, the
-        one the reference's einsums give under autocast; without autocast both casts are no-ops."""
-        dtype = self.pool_TD.dtype
-        o_BV = memory_lookup(x_p_BP.to(dtype), self.pool_TD, p_BM, scores_BMC.to(dtype),
-                             self.cfg.pre_value_act, impl=self.cfg.kernels)
+    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor, *,
+               window: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """Steps 8-9 by `cfg.kernels` → o [B, D_v] in the scores' dtype (bf16 under autocast, the
+        one the reference's einsums give). `window` = (rows of the pool, index of its first row)
+        stands in for the whole pool, which the rows p_BM index.
+
+        Triton: the rows are read in the scores' dtype, so under autocast the kernels read bf16
+        rows of the fp32 pool (half the bytes) and return the pool's gradient in fp32 for the
+        optimizer; x_p and the scores go in as they are. References: x_p and the scores join the
+        pool's dtype (fp32); without autocast every cast is a no-op."""
+        table_TD, first = window if window is not None else (self.pool_TD, 0)
+        rows_BM = p_BM - first if first else p_BM
+        act = self.cfg.pre_value_act
+        if resolve_impl(self.cfg.kernels, table_TD, "UltraMemV2") == "triton":
+            return memory_lookup(x_p_BP, table_TD, rows_BM, scores_BMC, act, impl="triton",
+                                 read_dtype=scores_BMC.dtype)
+        dtype = table_TD.dtype
+        o_BV = memory_lookup(x_p_BP.to(dtype), table_TD, rows_BM, scores_BMC.to(dtype), act, impl="torch")
         return o_BV.to(scores_BMC.dtype)
 
     def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +144,7 @@ class UltraMemV2(nn.Module):
         return (start + slot_BM) % self.pool_TD.shape[0]
 
     def tables(self) -> list[nn.Parameter]:
-        """The memory tables, for the value-lr parameter group (paper-notes §2.3)."""
+        """The memory tables, for the value-lr parameter group (docs/fidelity.md §4)."""
         return [self.pool_TD]
 
     @torch.no_grad()
@@ -146,7 +161,7 @@ class UltraMemV2(nn.Module):
     def reset_parameters(self, ctx: InitContext) -> None:
         """`paper` (App. A): small-init W_q, W_pre, W_o; q/k norm weights calibrated so the mean
         top-m score is 1 (A.2); pool rows drawn with σ_V from eq. 26. `official`: the code's
-        constants (paper-notes §2.2). Both: keys N(0, 1/D_k), cores U(0, 1), a fresh shuffle.
+        constants (docs/fidelity.md §3.2). Both: keys N(0, 1/D_k), cores U(0, 1), a fresh shuffle.
         Each layer initializes its own home table of the shared pool."""
         cfg, D = self.cfg, self.cfg.dk
         normal_(self.keys_SRND, D**-0.5)
@@ -196,6 +211,30 @@ class UltraMemV2(nn.Module):
         return g4**0.25, (top_KM * g4).pow(2).mean().item()
 
 
+def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[tuple[torch.Tensor, int]] | None:
+    """Each layer's home table as a tensor of its own, (rows, index of the first row), for
+    `UltraMemV2.forward(u, window=…)`; None where the layers must read the whole pool.
+
+    Without ring sharing (g = 1) a layer reads only its home table, so one split of the pool per
+    forward lets each layer's backward return the gradient of its n² rows; autograd then
+    assembles the pool's gradient once, by concatenation. Given the whole pool instead, every
+    layer returns a gradient of the whole pool and autograd adds L_m of them (L_m memsets and
+    L_m adds of the pool per step). Used with the Triton kernels; the references keep the
+    whole pool.
+
+    The gradient stays dense (each window's untouched rows are zeros) for plain AdamW, which
+    moves every row every step (weight decay, and the momentum of rows touched before): a
+    row-sparse update equal to it would have to replay the skipped steps of each row. At the
+    paper's batch sizes a step touches nearly every row anyway (16k tokens × m = 32 lookups over
+    a 360² table: about 4 per row), so it would save little."""
+    cfg = layers[0].cfg
+    if cfg.share_layers != 1 or resolve_impl(cfg.kernels, pool_TD, "UltraMemV2") != "triton":
+        return None
+    n2 = cfg.knum**2
+    tables = pool_TD.split(n2)
+    return [(tables[layer.home], layer.home * n2) for layer in layers]
+
+
 @torch.no_grad()
 def selection_health(layer: UltraMemV2, u_BH: torch.Tensor) -> dict[str, float]:
     """How one layer uses its window (the official code logs the same): the mean selected score
@@ -215,7 +254,7 @@ def selection_health(layer: UltraMemV2, u_BH: torch.Tensor) -> dict[str, float]:
 
 
 def paper_table_std(cfg: UltraMemV2Config, ctx: InitContext, score_second_moment: float) -> float:
-    """σ_V of the value and pre-value tables from App. A eq. 26, read as σ_V⁴ (paper-notes §9.1):
+    """σ_V of the value and pre-value tables from App. A eq. 26, read as σ_V⁴ (docs/fidelity.md §9.1):
 
         σ_V⁴ = 0.2 · k_inner · h / (k · n_head · (1 + σ_s²) · d_prev · d_v · L)
 
@@ -242,7 +281,7 @@ def paper_table_std(cfg: UltraMemV2Config, ctx: InitContext, score_second_moment
 
 
 def ultramemv2_costs(cfg: UltraMemV2Config, d_model: int) -> LayerCosts:
-    """Per-token cost of one layer (paper-notes §1.3, §3). Its home table is its sparse share of
+    """Per-token cost of one layer (docs/fidelity.md §2.3, §5). Its home table is its sparse share of
     the pool (L_m home tables make the pool, so layer counts add up with or without sharing).
 
     MACs: query projection h·2·slots·D_k; key scoring 2·r·N·D_k (dense over all keys, the MCP
