@@ -46,9 +46,9 @@ def plan(
         return
     lines = plan_lines(rows, str(recipe), shutil.get_terminal_size().columns, wide=wide, show_all=show_all)
     print("\n".join(lines))
-    typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100; "
-               f"the longest run {max(r['wall_hours'] for r in rows):.3g} wall-clock hours on {rows[0]['gpus']} GPU"
-               f"{'s' * (rows[0]['gpus'] != 1)} (if each is as fast as one alone)")
+    typer.echo(f"longest run: {max(r['wall_hours'] for r in rows):.3g} wall-clock hours on {rows[0]['gpus']} GPU"
+               f"{'s' * (rows[0]['gpus'] != 1)} (each as fast as one alone)")
+    typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100")
 
 
 @app.command()
