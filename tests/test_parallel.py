@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from umv2cli.config import run_spec_from_dict
-from umv2cli.train import read_metrics, read_run_spec, train
+from umv2cli.rundir import read_metrics, read_run_spec
+from umv2cli.train import train
 
 TOLERANCE = 1e-4
 """Largest |loss difference| allowed at any of the 20 steps (losses 3-6). Measured here: at most 3e-6."""

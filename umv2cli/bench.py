@@ -420,7 +420,8 @@ def run_for_bench(out: Path, profile: bool) -> None:
 
     from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
 
-    from umv2cli.train import read_metrics, read_run_spec, train
+    from umv2cli.rundir import read_metrics, read_run_spec
+    from umv2cli.train import train
 
     spec = read_run_spec(out)
     if not profile:

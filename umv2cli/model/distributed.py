@@ -138,9 +138,12 @@ class ColumnShardedUltraMemV2(UltraMemV2):
     group: dist.ProcessGroup
     pre_TP: nn.Parameter | None
 
-    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor) -> torch.Tensor:
+    def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor, *,
+               window: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """Steps 8-9 for this process's B tokens → o [B, D_v]. In the tables' dtype, as the whole
-        layer's lookup (autocast off: the partial pre-value dots must add up in fp32)."""
+        layer's lookup (autocast off: the partial pre-value dots must add up in fp32). `window` (the
+        whole layer's per-layer view of the pool, `ultramemv2.pool_windows`) is not used: this
+        process's columns are read whole, rows as the whole pool numbers them."""
         group, B, C = self.group, p_BM.shape[0], self.cfg.cores
         dtype = self.pool_TD.dtype
         with torch.autocast(p_BM.device.type, enabled=False):
