@@ -205,10 +205,12 @@ def launch_local_distributed(sweep: Path, runs: list[PlannedRun], processes: int
 def execute_distributed_run(spec: RunSpec, run_dir: Path, processes: int, devices: str | None = None) -> str:
     """One run, fresh or resumed, as `processes` processes under torchrun on this machine (on the
     GPUs `devices`, e.g. "0,1", if given); its final status line."""
+    from umv2cli.rundir import hold, is_new
     from umv2cli.train import create_run_dir
 
-    if not (run_dir / "spec.json").exists():
-        create_run_dir(spec, run_dir)
+    with hold(run_dir):  # its spec.json, for `umv2 train --resume`; rank 0 then takes the lock
+        if is_new(run_dir):
+            create_run_dir(spec, run_dir)
     env = os.environ | ({"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "umv2cli", "train", "--resume", str(run_dir)]

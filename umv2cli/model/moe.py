@@ -69,6 +69,11 @@ class Router(nn.Module):
         z = logits_NE.logsumexp(dim=-1).square().mean()  # mean over tokens of logsumexp²
         return experts_NK, probs_NK, counts_E, self.lb_coef * balance + self.z_coef / self.topk * z
 
+    def batch_means(self, counts_E: torch.Tensor, p_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_E, the fraction of the batch's N·K routing slots sent to each expert (no gradient), and
+        P_E, each expert's probability averaged over the batch's tokens."""
+        return counts_E.to(p_NE.dtype) / (p_NE.shape[0] * self.topk), p_NE.mean(dim=0)
+
 
 def swiglu(x_RH: torch.Tensor, w1_HF: torch.Tensor, w3_HF: torch.Tensor, w2_FH: torch.Tensor) -> torch.Tensor:
     """One expert on its rows: w2(silu(w1 x) ⊙ w3 x)."""
@@ -86,11 +91,6 @@ def grouped_mm(x_SI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tensor) ->
         return torch._grouped_mm(x_SI.to(dtype), w_EIO.to(dtype), offs=ends_E)
     blocks = x_SI.tensor_split(ends_E[:-1].tolist())  # .tolist(): CPU only, no device sync
     return torch.cat([x_RI @ w_IO for x_RI, w_IO in zip(blocks, w_EIO)])
-
-    def batch_means(self, counts_E: torch.Tensor, p_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f_E, the fraction of the batch's N·K routing slots sent to each expert (no gradient), and
-        P_E, each expert's probability averaged over the batch's tokens."""
-        return counts_E.to(p_NE.dtype) / (p_NE.shape[0] * self.topk), p_NE.mean(dim=0)
 
 
 class Experts(nn.Module):
