@@ -112,7 +112,8 @@ def _build_plan(recipe: Recipe, mfu: float, processes: int) -> list[PlannedRun]:
         acc = accounting(cfg)
         for train in trains:
             spec = RunSpec(model=cfg, train=train, data=recipe.data)
-            found = spec_problems(spec) + size_problems(spec, acc) + layout_problems(spec, processes)
+            problems += [f"{recipe.source}: {p}" for p in layout_problems(spec, processes)]  # the recipe's: once
+            found = spec_problems(spec) + size_problems(spec, acc)
             if found:
                 problems += [f"{recipe.source}: grid point {_show(point)}: {p}" for p in found]
                 continue
