@@ -13,6 +13,8 @@ Executors (`launch_runs`):
             `runs_per_gpu` sharing each GPU, or one per CPU without GPU, each pinned to its own
             share of the CPUs; returns when every run has ended. The workers die with this process,
             and an error or Ctrl-C stops them: queued runs don't start, running ones checkpoint.
+            With `gpus_per_run` N > 1, each run is N processes under torchrun
+            (`launch_local_distributed`).
     slurm   job arrays through submitit (`sweeps.slurm`); returns once they are submitted, or with
             `wait` when every run has ended (it polls the ledger: one squeue call per poll).
 """
@@ -20,14 +22,21 @@ Executors (`launch_runs`):
 import dataclasses
 import io
 import json
+import os
+import queue
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from umv2cli.config import RunSpec
 from umv2cli.errors import UserError
 from umv2cli.files import Damaged, make_dir, read_json, write_atomic
+from umv2cli.rundir import last_step
 from umv2cli.sweeps.ledger import RunState, plan_steps, run_states
 from umv2cli.sweeps.plan import MAX_RUNS, PlannedRun, build_plan
 from umv2cli.sweeps.recipe import Recipe, load_recipe
@@ -51,16 +60,19 @@ class LaunchOptions:
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     wait: bool = False
     """Slurm: return only when every run has ended (local runs always do)."""
+    gpus_per_run: int = 1
+    """Local: processes (GPUs, or CPU processes without any) of each run; above 1, torchrun starts them."""
 
 
-def prepare_sweep(recipe_path: Path, out: Path, force: bool = False,
-                  check_data: bool = False) -> tuple[Path, Recipe, list[PlannedRun]]:
-    """Plan the recipe (any number of runs with `force`) and write the sweep directory's recipe copy and
-    plan.parquet; with `check_data`, open the runs' data first (nothing is written if it cannot be used)."""
+def prepare_sweep(recipe_path: Path, out: Path, force: bool = False, check_data: bool = False,
+                  processes: int | None = None) -> tuple[Path, Recipe, list[PlannedRun]]:
+    """Plan the recipe (any number of runs with `force`) for runs of `processes` processes each (default: its
+    [slurm] table's) and write the sweep directory's recipe copy and plan.parquet; with `check_data`, open the
+    runs' data first (nothing is written if it cannot be used)."""
     import polars as pl
 
     recipe = load_recipe(recipe_path)
-    runs = build_plan(recipe, max_runs=None if force else MAX_RUNS)
+    runs = build_plan(recipe, max_runs=None if force else MAX_RUNS, processes=processes)
     if check_data:
         check_run_data(runs)
     sweep = out / recipe.name
@@ -130,6 +142,8 @@ def launch_runs(sweep: Path, runs: list[PlannedRun], executor: str, options: Lau
     """Run `runs` (each into `sweep/runs/<run-id>/`) on `executor`; {run_id: status line}: the
     final one ("done", "failed: …", "stopped …"), or "queued as Slurm job <id>" when submitted
     without `wait`."""
+    if executor == "local" and options.gpus_per_run > 1:
+        return launch_local_distributed(sweep, runs, options.gpus_per_run, on_done)
     if executor == "local":
         return launch_local(sweep, runs, options, on_done)
     job_ids = submit(sweep, runs, options.slurm)
@@ -151,6 +165,73 @@ def launch_local(sweep: Path, runs: list[PlannedRun], options: LaunchOptions, on
                 if on_done:
                     on_done(run_id, results[run_id])
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# runs of several processes on this machine
+
+
+def launch_local_distributed(sweep: Path, runs: list[PlannedRun], processes: int,
+                             on_done: OnDone = None) -> dict[str, str]:
+    """Run `runs`, each as `processes` processes under torchrun: on `processes` GPUs of its own
+    (as many runs at a time as this machine has GPUs for), or, without GPUs, one run at a time on
+    the CPUs. Returns {run_id: status}."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    slots: queue.Queue = queue.Queue()
+    for first in range(0, gpus - processes + 1, processes) if gpus else [None]:
+        slots.put(None if first is None else ",".join(map(str, range(first, first + processes))))
+    if gpus and slots.empty():
+        raise UserError(f"--gpus-per-run {processes}: this machine has {gpus} GPUs; lower it")
+
+    def run(planned: PlannedRun) -> str:
+        devices = slots.get()
+        try:
+            return execute_distributed_run(planned.spec, sweep / "runs" / planned.run_id, processes, devices)
+        finally:
+            slots.put(devices)
+
+    results = {}
+    with ThreadPoolExecutor(slots.qsize()) as pool:
+        futures = {pool.submit(run, planned): planned.run_id for planned in runs}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if on_done:
+                on_done(futures[future], results[futures[future]])
+    return results
+
+
+def execute_distributed_run(spec: RunSpec, run_dir: Path, processes: int, devices: str | None = None) -> str:
+    """One run, fresh or resumed, as `processes` processes under torchrun on this machine (on the
+    GPUs `devices`, e.g. "0,1", if given); its final status line."""
+    from umv2cli.rundir import hold, is_new
+    from umv2cli.train import create_run_dir
+
+    with hold(run_dir):  # its spec.json, for `umv2 train --resume`; rank 0 then takes the lock
+        if is_new(run_dir):
+            create_run_dir(spec, run_dir)
+    env = os.environ | ({"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "umv2cli", "train", "--resume", str(run_dir)]
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if (run_dir / "STATUS").exists():
+        return (run_dir / "STATUS").read_text().strip()
+    return f"stopped at step {last_step(run_dir)}: {torchrun_failure(result.returncode, result.stdout + result.stderr)}"
+
+
+def torchrun_failure(returncode: int, output: str) -> str:
+    """Why a torchrun of `umv2 train` ended without a STATUS: rank 0's own word ("stopped: …"),
+    else torchrun's first failed rank and its exit code or signal."""
+    ours = [line.removeprefix("stopped: ") for line in output.splitlines() if line.startswith("stopped: ")]
+    if ours:
+        return ours[-1]
+    cause = output[output.find("Root Cause"):]
+    rank, code = re.search(r"rank\s*:\s*(\d+)", cause), re.search(r"exitcode\s*:\s*(-?\d+)", cause)
+    died = re.search(r"\((SIG[A-Z0-9]+)\)", cause)
+    if rank and code:
+        return f"rank {rank[1]} exited with code {code[1]}" + (f" ({died[1]})" if died else "")
+    return f"torchrun exited with code {returncode}"
 
 
 def wait_for(sweep: Path, runs: list[PlannedRun], on_done: OnDone = None, poll_s: float = POLL_S) -> dict[str, str]:
@@ -182,21 +263,22 @@ def _final(state: RunState) -> str:
 
 
 def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: int | None = None,
-           runs_per_gpu: int = 1, slurm: dict | None = None, wait: bool = False, retry_failed: bool = False,
-           force: bool = False,
+           runs_per_gpu: int = 1, gpus_per_run: int = 1, slurm: dict | None = None, wait: bool = False,
+           retry_failed: bool = False, force: bool = False,
            on_done: OnDone = None) -> tuple[Path, dict[str, str]]:
     """Plan, write the sweep directory, and launch every run that is not done. `slurm` holds
-    command-line job options; they override the recipe's [slurm] table. `force` plans a grid of
-    more than `MAX_RUNS` runs."""
+    command-line job options; they override the recipe's [slurm] table. `gpus_per_run`: local
+    runs of several processes. `force` plans a grid of more than `MAX_RUNS` runs."""
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor}: unknown; use one of {', '.join(EXECUTORS)}")
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
-    sweep, recipe, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local")
-    options = LaunchOptions(workers, runs_per_gpu, slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path)),
-                            wait)
+    recipe_slurm = slurm_options({**load_recipe(recipe_path).slurm, **overrides}, where=str(recipe_path))
+    processes = gpus_per_run if executor == "local" else recipe_slurm.processes
+    sweep, recipe, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local", processes=processes)
+    options = LaunchOptions(workers, runs_per_gpu, recipe_slurm, wait, gpus_per_run)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
-                                                    "runs_per_gpu": runs_per_gpu,
+                                                    "runs_per_gpu": runs_per_gpu, "gpus_per_run": gpus_per_run,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
                                                     "slurm": dataclasses.asdict(options.slurm)}, indent=2) + "\n")
     todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)
@@ -209,9 +291,11 @@ def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
     and with the options it was last launched with."""
     last = read_launch(sweep)
     options = LaunchOptions(last["workers"], last.get("runs_per_gpu", 1),
-                            slurm_options(last["slurm"], where=str(sweep / "launch.json")), wait)
+                            slurm_options(last["slurm"], where=str(sweep / "launch.json")), wait,
+                            last.get("gpus_per_run", 1))
     recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
-    runs = build_plan(recipe, max_runs=None)  # planned once already
+    processes = options.gpus_per_run if last["executor"] == "local" else options.slurm.processes
+    runs = build_plan(recipe, max_runs=None, processes=processes)  # planned once already
     if last["executor"] == "local":
         check_run_data(runs)
     todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)

@@ -34,7 +34,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from umv2cli.config import ModelConfig, MoEConfig, RunSpec, TrainConfig, UltraMemV2Config, config_from_dict
+from umv2cli.config import (ModelConfig, MoEConfig, RunSpec, TrainConfig, UltraMemV2Config, config_from_dict,
+                            layout_problems)
 from umv2cli.errors import UserError
 from umv2cli.model.accounting import Accounting, account
 from umv2cli.sweeps.recipe import MAX_PARAMS, Recipe, Tuned, group_key, read_tuned
@@ -57,25 +58,36 @@ class PlannedRun:
 
 
 def run_id(spec: RunSpec) -> str:
-    """The hash of `spec.to_dict()`'s JSON. `vars` gives each (flat, frozen) config dataclass's
-    fields as `asdict` does, without its deep copies: a 10,000-run plan spends 1 s less here."""
-    return hashlib.sha256(json.dumps(spec, default=vars, sort_keys=True).encode()).hexdigest()[:12]
+    """The hash of `spec.to_dict()`'s JSON without the layout fields of [train] (`TrainConfig.LAYOUT`: how
+    the run is spread over processes, not what it trains). `_fields` gives each (flat, frozen) config
+    dataclass's fields as `asdict` does, without its deep copies: a 10,000-run plan spends 1 s less here."""
+    return hashlib.sha256(json.dumps(spec, default=_fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def build_plan(recipe: Recipe, *, mfu: float = 0.3, max_runs: int | None = MAX_RUNS) -> list[PlannedRun]:
-    """Every run of the recipe, in grid order; all problems of all grid points at once. A grid of more
+def _fields(config: Any) -> dict[str, Any]:
+    if isinstance(config, TrainConfig):
+        return {k: v for k, v in vars(config).items() if k not in TrainConfig.LAYOUT}
+    return vars(config)
+
+
+def build_plan(recipe: Recipe, *, mfu: float = 0.3, max_runs: int | None = MAX_RUNS,
+               processes: int | None = None) -> list[PlannedRun]:
+    """Every run of the recipe, in grid order, each on `processes` GPUs (or CPU processes; default:
+    the recipe's [slurm] nodes × tasks); all problems of all grid points at once. A grid of more
     than `max_runs` runs is refused before any is listed (None: no limit)."""
+    from umv2cli.sweeps.slurm import slurm_options
+
     if max_runs is not None and recipe.size() > max_runs:
         raise UserError(f"{recipe.source}: the grid has {recipe.size():,} runs, more than {max_runs:,}; shrink it, "
                         "or pass --force to plan them all")
     gc.disable()  # a plan allocates objects and frees none: the cycle collector would only re-scan them
     try:
-        return _build_plan(recipe, mfu)
+        return _build_plan(recipe, mfu, processes or slurm_options(recipe.slurm, where=str(recipe.source)).processes)
     finally:
         gc.enable()
 
 
-def _build_plan(recipe: Recipe, mfu: float) -> list[PlannedRun]:
+def _build_plan(recipe: Recipe, mfu: float, processes: int) -> list[PlannedRun]:
     from umv2cli.train import spec_problems
 
     bases = resolve_bases(recipe)
@@ -100,6 +112,7 @@ def _build_plan(recipe: Recipe, mfu: float) -> list[PlannedRun]:
         acc = accounting(cfg)
         for train in trains:
             spec = RunSpec(model=cfg, train=train, data=recipe.data)
+            problems += [f"{recipe.source}: {p}" for p in layout_problems(spec, processes)]  # the recipe's: once
             found = spec_problems(spec) + size_problems(spec, acc)
             if found:
                 problems += [f"{recipe.source}: grid point {_show(point)}: {p}" for p in found]
@@ -109,7 +122,7 @@ def _build_plan(recipe: Recipe, mfu: float) -> list[PlannedRun]:
                 problems.append(f"{recipe.source}: grid points {_show(seen[rid])} and {_show(point)} give the same "
                                 "run (e.g. two sparse_params that round to one table size); drop one")
             seen[rid] = point
-            row = plan_row(rid, spec, point, acc, residual, mfu)
+            row = plan_row(rid, spec, point, acc, residual, mfu, processes)
             runs.append(PlannedRun(rid, spec, row | {"reference": is_reference}))
     _raise(problems)
     return runs
@@ -307,9 +320,12 @@ def tuned_group(tuned: Tuned | None, point: dict[str, Any]) -> str | None:
     return "all" if tuned.group_by is None else group_key(point[tuned.group_by])
 
 
-def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: float, mfu: float) -> dict[str, Any]:
+def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: float, mfu: float,
+             gpus: int = 1) -> dict[str, Any]:
+    """A run's row; its wall-clock hours assume the `gpus` of a run are each as fast as one alone."""
     cfg, train = spec.model, spec.train
     tokens = train.steps * train.batch_size * (train.seq_len or cfg.seq_len) * train.grad_accum
+    gpu_hours = 3 * acc.flops_per_token * tokens / (mfu * H100_BF16_FLOPS) / 3600
     m, n = activated_and_table_values(cfg)
     return {
         "run_id": rid, "seed": train.seed, "kind": acc.kind,
@@ -318,7 +334,7 @@ def plan_row(rid: str, spec: RunSpec, point: dict, acc: Accounting, residual: fl
         "density": m / n if n else 0.0, "activated_params": acc.activated_params,
         "total_params": acc.total_params, "flops_per_token": acc.flops_per_token, "tokens": tokens,
         "ffn_hidden": cfg.ffn_hidden, "match_residual": residual,
-        "gpu_hours": 3 * acc.flops_per_token * tokens / (mfu * H100_BF16_FLOPS) / 3600,
+        "gpus": gpus, "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus,
     }
 
 

@@ -9,7 +9,8 @@ one line per run and submission; a run's last line names its current job. submit
 pickled run, its logs) go to `<sweep>/slurm/<submission time>/`, a new folder per submission, so a
 cluster that restarts its job ids never meets an old job's files.
 
-A run is `Checkpointable`. When Slurm preempts it or its time limit nears, the job gets submitit's
+A run of several processes (`nodes`, `gpus` or `tasks` per node in `[slurm]`) is one job of nodes ×
+tasks Slurm tasks, each a process of the run (`umv2cli.parallel`). A run is `Checkpointable`. When Slurm preempts it or its time limit nears, the job gets submitit's
 signal (USR2) `signal_delay_s` (90 s) before the kill; `train` checkpoints after the current step,
 and submitit's handler requeues the job, which resumes from the checkpoint. A requeue by an admin
 (`scontrol requeue`) or a cancel sends SIGTERM instead: the run checkpoints and the job exits with
@@ -57,18 +58,39 @@ class SlurmOptions:
     time: int = 60
     """Minutes per job (a requeued job gets them again). At least 60 for preemption to be told
     apart from a timeout: submitit counts a signal after min(0.8·time, time − 10) minutes as one."""
+    nodes: int | None = None
+    """Nodes per run (default 1)."""
     gpus: int | None = None
+    """GPUs per node of a run; a run is one process per GPU (`tasks`)."""
+    tasks: int | None = None
+    """Processes per node of a run (default: one per GPU, or 1). Above 1 process in all, the run's
+    job is nodes × tasks Slurm tasks that train it together (`umv2cli.parallel`)."""
     cpus: int | None = None
+    """CPUs per process."""
     mem_gb: float | None = None
     constraint: str | None = None
     array_parallelism: int | None = None
     """At most this many runs of one array at a time."""
 
+    @property
+    def tasks_per_node(self) -> int:
+        return self.tasks or self.gpus or 1
+
+    @property
+    def processes(self) -> int:
+        """Processes of one run: nodes × tasks per node."""
+        return (self.nodes or 1) * self.tasks_per_node
+
     def submitit_parameters(self) -> dict[str, Any]:
-        """`AutoExecutor.update_parameters` keywords."""
-        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        generic = {"time": "timeout_min", "gpus": "gpus_per_node", "cpus": "cpus_per_task", "mem_gb": "mem_gb"}
-        return {generic.get(k, f"slurm_{k}"): v for k, v in given.items()}
+        """`AutoExecutor.update_parameters` keywords. A run of several processes is one task each;
+        srun ends them all when one fails (--kill-on-bad-exit), so none waits on a dead one."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "tasks"}
+        generic = {"time": "timeout_min", "nodes": "nodes", "gpus": "gpus_per_node", "cpus": "cpus_per_task",
+                   "mem_gb": "mem_gb"}
+        parameters = {generic.get(k, f"slurm_{k}"): v for k, v in given.items()}
+        if self.processes > 1:
+            parameters |= {"tasks_per_node": self.tasks_per_node, "slurm_srun_args": ["--kill-on-bad-exit=1"]}
+        return parameters
 
 
 SLURM_KEYS = tuple(f.name for f in dataclasses.fields(SlurmOptions))
@@ -98,7 +120,7 @@ def slurm_table_problems(table: Any, where: str) -> list[str]:
             continue
         elif key in ("partition", "account", "qos", "constraint") and not (isinstance(value, str) and value):
             problems.append(f"{field}: expected a non-empty string")
-        elif key in ("gpus", "cpus", "array_parallelism") and not (_is_int(value) and value > 0):
+        elif key in ("nodes", "gpus", "tasks", "cpus", "array_parallelism") and not (_is_int(value) and value > 0):
             problems.append(f"{field}: expected a positive integer")
         elif key == "mem_gb" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
             problems.append(f"{field}: expected a positive number of gigabytes")
@@ -140,17 +162,25 @@ def _is_int(value: Any) -> bool:
 
 class SlurmRun:
     """One run as a Slurm job: trains, or resumes from the run's checkpoint after a requeue.
-    Checkpointable in submitit's sense (it has `checkpoint`), without importing submitit here."""
+    Checkpointable in submitit's sense (it has `checkpoint`), without importing submitit here.
+    A job of several tasks trains one run together: each task is a process of it, its rank and the
+    master's address from submitit's JobEnvironment (exported as torch.distributed reads them)."""
 
     def __call__(self, spec, run_dir: Path) -> str:
         import submitit
+        import submitit.helpers
 
         from umv2cli.sweeps.launch import execute_run
 
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         status = execute_run(spec, run_dir)
         if status.startswith("stopped by "):  # "stopped by SIGUSR2 at step 40": checkpointed
             signum = signal.Signals[status.split()[2]]
             if signum == getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG):
+                if job.global_rank != 0:
+                    return status  # rank 0 requeues the job; exiting with an error would have srun end it first
                 signal.raise_signal(signum)  # submitit's handler: checkpoint(), requeue, exit
             sys.exit(3)  # SIGTERM: Slurm is ending or requeueing the job; no result file
         return status

@@ -47,18 +47,20 @@ def steps(run: Path) -> list[int]:
 
 def test_a_second_writer_is_refused_naming_the_holder_and_a_kill_9_frees_the_run(tmp_path):
     run = tmp_path / "run"
-    first = umv2("train", run_config(tmp_path, steps=30, ckpt_every=10), "--out", run)
+    first = umv2("train", run_config(tmp_path, steps=300, ckpt_every=10), "--out", run)
     wait_for(lambda: len(steps(run)) >= 12)  # past the step-10 checkpoint
     first.send_signal(signal.SIGKILL)
     first.wait()
 
     resumed = umv2("train", "--resume", run)
     wait_for(lambda: f"pid {resumed.pid} " in holder(run))  # it holds the run …
+    resumed.send_signal(signal.SIGSTOP)  # (paused, so that it cannot end before the second one starts)
     second = umv2("train", "--resume", run)  # … while a second resume starts
     assert second.wait(timeout=300) == 2
     err = second.stderr.read().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and f"in use by pid {resumed.pid} on " in err[0], err
     assert resumed.poll() is None  # the holder trains on
+    resumed.send_signal(signal.SIGCONT)
 
     wait_for(lambda: len(steps(run)) >= 22)
     resumed.send_signal(signal.SIGKILL)  # the holder dies mid-run: its lock dies with it
@@ -66,7 +68,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_kill_9_frees_the_run
     assert holder(run) == ""
     last = umv2("train", "--resume", run)
     assert last.wait(timeout=300) == 0, last.stderr.read()
-    assert steps(run) == list(range(1, 31))  # every step logged, each once
+    assert steps(run) == list(range(1, 301))  # every step logged, each once
     assert (run / "STATUS").read_text() == "done\n"
 
 

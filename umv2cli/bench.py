@@ -8,6 +8,11 @@ warm-up, on the same model, and reports the median step times and their ratio.
 `pack_throughput` answers "how many small runs should share a GPU?": it trains K copies of one run
 at once on one GPU, in the worker pool of `umv2 sweep run --runs-per-gpu K`, and counts the tokens
 of all of them per second while all of them train.
+
+`distributed_speed` answers "what does a run on N processes gain, and what does torch.distributed
+cost?": `umv2 train` under torchrun against the same run as one process without torch.distributed.
+`python -m umv2cli.bench dist …` runs it without the CLI's packages (the GPU image), and
+`python -m umv2cli.bench run DIR` is what torchrun starts in each process.
 """
 
 import os
@@ -343,3 +348,130 @@ def pack_throughput(spec, runs_per_gpu: list[int], gpu: str, seconds: float = 20
         row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"] if rows else 1.0
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# dist: a run on several processes against the one-process loop
+
+COLLECTIVES = {"SendRecv": "all_to_all", "AllGather": "all_gather", "ReduceScatter": "reduce_scatter",
+               "AllReduce": "all_reduce", "Broadcast": "broadcast"}
+"""NCCL kernel name parts → the collective (torch's all-to-all runs as NCCL's grouped SendRecv)."""
+
+
+def distributed_speed(preset: str = "ultramemv2-227m", *, processes: int = 1, memory_parallel: int = 1,
+                      data_parallel: str = "ddp", batch_size: int = 8, seq_len: int = 2048, steps: int = 30,
+                      warmup: int = 5, baseline: bool = True, profile: bool = False) -> dict:
+    """Median training tokens/s (whole steps: data, forward, backward, exchanges, clipping, AdamW)
+    of `preset` on the builtin data under torchrun as `processes` processes (NCCL on GPUs), and of the
+    same run as one process without torch.distributed (`baseline`); each in fresh processes, one after
+    the other. `batch_size` is the global micro-batch: each process reads batch_size/processes of it.
+    Also the largest loss gap between the two runs over the steps, and with `profile` the share of a
+    step that rank 0's NCCL kernels take, by collective (all_to_all: the memory layers' exchanges;
+    kernels on their own streams may overlap computation, so these shares bound what they cost)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from umv2cli.config import run_spec_from_dict
+    from umv2cli.train import create_run_dir, read_metrics
+
+    train = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "eval_batches": 1, "task_samples": 0,
+             "data_parallel": data_parallel, "memory_parallel": memory_parallel}
+    spec = run_spec_from_dict({"model": preset, "data": "builtin", "train": train})
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+
+    def timed(spec, out: Path, launcher: list[str], profile: bool = False) -> tuple[list[dict], dict]:
+        """The run's metrics and its profile; its directory is removed (a 227M checkpoint is ~15 GB)."""
+        create_run_dir(spec, out)
+        command = [*launcher, "-m", "umv2cli.bench", "run", str(out), *(["--profile"] if profile else [])]
+        subprocess.run(command, env=env, check=True)
+        metrics, shares = read_metrics(out), json.loads((out / "profile.json").read_text()) if profile else {}
+        shutil.rmtree(out)
+        return metrics, shares
+
+    def tokens_per_s(metrics: list[dict]) -> float:
+        return statistics.median(m["tokens_per_s"] for m in metrics[warmup:])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        many, shares = timed(spec, Path(tmp) / "dist", torchrun, profile)
+        result = {"preset": preset, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  "processes": processes, "memory_parallel": memory_parallel, "data_parallel": data_parallel,
+                  "tokens_per_step": batch_size * seq_len, "tokens_per_s": tokens_per_s(many)}
+        if profile:
+            result["collective_share"] = shares
+        if baseline:
+            one_spec = run_spec_from_dict({**spec.to_dict(), "train": {**spec.to_dict()["train"], "memory_parallel": 1}})
+            one, _ = timed(one_spec, Path(tmp) / "one", [sys.executable])
+            result |= {"one_process_tokens_per_s": tokens_per_s(one),
+                       "ratio": tokens_per_s(many) / tokens_per_s(one),
+                       "scaling": tokens_per_s(many) / (processes * tokens_per_s(one)),
+                       "max_loss_gap": max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(many, one))}
+    return result
+
+
+def run_for_bench(out: Path, profile: bool) -> None:
+    """Train the run in `out` (this process's part of it, under torchrun); with `profile`, rank 0
+    writes the share of a step that each collective's NCCL kernels take to out/profile.json."""
+    import json
+    import os
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+
+    from umv2cli.rundir import read_metrics, read_run_spec
+    from umv2cli.train import train
+
+    spec = read_run_spec(out)
+    if not profile:
+        train(spec, out, resume=True)
+        return
+    wait, active = 5, 5  # profile steps 8-12, after warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities, schedule=schedule(wait=wait, warmup=2, active=active, repeat=1)) as prof:
+        train(spec, out, resume=True, on_step=lambda line: prof.step())
+    if os.environ.get("RANK", "0") != "0":
+        return
+    kernel_s = dict.fromkeys(COLLECTIVES.values(), 0.0)
+    for event in prof.key_averages():
+        for part, name in COLLECTIVES.items():
+            if "nccl" in event.key.lower() and part.lower() in event.key.lower():
+                kernel_s[name] += event.self_device_time_total / 1e6
+    metrics = read_metrics(out)
+    step_s = statistics.median(spec.train.batch_size * (spec.train.seq_len or spec.model.seq_len)
+                               * spec.train.grad_accum / m["tokens_per_s"] for m in metrics[wait + 2:wait + 2 + active])
+    (out / "profile.json").write_text(json.dumps({k: v / (active * step_s) for k, v in kernel_s.items()}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m umv2cli.bench dist [options]` prints `distributed_speed` as JSON; `python -m umv2cli.bench
+    run DIR [--profile]` is one process of the run in DIR."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m umv2cli.bench")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run")
+    run.add_argument("out", type=Path)
+    run.add_argument("--profile", action="store_true")
+    dist = commands.add_parser("dist")
+    dist.add_argument("--preset", default="ultramemv2-227m")
+    for name, default in (("processes", 1), ("memory-parallel", 1), ("batch-size", 8), ("seq-len", 2048),
+                          ("steps", 30), ("warmup", 5)):
+        dist.add_argument(f"--{name}", type=int, default=default)
+    dist.add_argument("--data-parallel", choices=("ddp", "fsdp"), default="ddp")
+    dist.add_argument("--no-baseline", action="store_true")
+    dist.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_for_bench(args.out, args.profile)
+        return
+    print(json.dumps(distributed_speed(
+        args.preset, processes=args.processes, memory_parallel=args.memory_parallel, data_parallel=args.data_parallel,
+        batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+        baseline=not args.no_baseline, profile=args.profile), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -384,10 +384,22 @@ class TrainConfig:
     """"auto" (CUDA when there is one), "cpu", "cuda", "cuda:N"."""
     compile: bool = False
     """Run the model through torch.compile."""
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Runs on several processes (torchrun, `--gpus-per-run`, Slurm's nodes × gpus): each holds the dense
+    backbone whole and averages gradients (DDP), or a 1/world share of it, its gradients and its optimizer
+    state (FSDP2's fully_shard). Either way each process reads its own slice of every batch."""
+    memory_parallel: int = 1
+    """Processes that split each UltraMemV2 / Memory+ value table by columns (its pre-values and values);
+    the world size must be a multiple. 1: every process holds the tables whole."""
+
+    LAYOUT: typing.ClassVar[tuple[str, ...]] = ("data_parallel", "memory_parallel")
+    """The fields that say how a run is spread over processes, not what it trains: a run's identity (its
+    sweep run id) leaves them out, and a run may resume under another layout."""
 
     def __post_init__(self) -> None:
         problems = [f"train.{n}={getattr(self, n)}: must be a positive integer"
-                    for n in ("steps", "batch_size", "grad_accum", "eval_batches") if getattr(self, n) <= 0]
+                    for n in ("steps", "batch_size", "grad_accum", "eval_batches", "memory_parallel")
+                    if getattr(self, n) <= 0]
         if self.seq_len is not None and self.seq_len <= 0:
             problems.append(f"train.seq_len={self.seq_len}: must be positive (or omitted for the model's)")
         problems += [f"train.{n}={getattr(self, n)}: must be a finite number"
@@ -418,6 +430,39 @@ class RunSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train), "data": self.data}
+
+
+def layout_problems(spec: RunSpec, world_size: int) -> list[str]:
+    """What keeps `spec` from running on `world_size` processes, one line each."""
+    cfg, sparse, mp = spec.train, spec.model.sparse, spec.train.memory_parallel
+    launch = "torchrun --nproc-per-node, --gpus-per-run, or Slurm nodes × gpus"
+    problems = []
+    if world_size % mp:
+        problems.append(f"train.memory_parallel={mp}: needs a number of processes that is a multiple of {mp}, "
+                        f"got {world_size}; launch with {launch}, or set memory_parallel = 1 (to resume a run so: "
+                        "umv2 train --resume DIR --memory-parallel 1)")
+    if cfg.batch_size % world_size:
+        problems.append(f"train.batch_size={cfg.batch_size}: each of the {world_size} processes reads an equal "
+                        f"slice of every batch; make batch_size a multiple of {world_size} (grad_accum keeps the "
+                        "global batch)")
+    if world_size > 1 and cfg.device.startswith("cuda:"):
+        problems.append(f"train.device={cfg.device!r}: each process of a distributed run takes the GPU of its local "
+                        "rank; use \"auto\" or \"cuda\"")
+    if mp > 1:
+        if isinstance(sparse, UltraMemV2Config):
+            if sparse.dv % (sparse.cores * mp) or sparse.dp % mp:
+                problems.append(f"train.memory_parallel={mp}: splits each of the {sparse.cores} value chunks "
+                                f"(sparse.dv={sparse.dv}) and the pre-values (sparse.dp={sparse.dp}) into {mp} "
+                                f"column blocks; make dv a multiple of {sparse.cores * mp} and dp of {mp}")
+        elif isinstance(sparse, PKMConfig):
+            if sparse.dv % mp:
+                problems.append(f"train.memory_parallel={mp}: splits sparse.dv={sparse.dv} into {mp} column blocks; "
+                                f"make dv a multiple of {mp}")
+        else:
+            what = f"the tables of a {sparse.kind} layer" if sparse else "a dense model's"
+            problems.append(f"train.memory_parallel={mp}: only UltraMemV2 and PKM/Memory+ tables split by columns, "
+                            f"not {what}; set memory_parallel = 1")
+    return problems
 
 
 def run_spec_from_dict(data: dict[str, Any], where: str = "run") -> RunSpec:

@@ -313,10 +313,11 @@ def eval_lines(run: Path, key: bytes = b'"eval_loss"') -> list[bytes]:
 
 
 class MetricsLog:
-    """metrics.jsonl, open for appending: each line goes to the file in one write, or raises `WriteError`."""
+    """metrics.jsonl, open for appending: each line goes to the file in one write, or raises `WriteError`.
+    `run=None` writes nowhere (the processes of a run on several but its rank 0)."""
 
-    def __init__(self, run: Path):
-        self.path = run / "metrics.jsonl"
+    def __init__(self, run: Path | None):
+        self.path = run / "metrics.jsonl" if run is not None else Path(os.devnull)
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:

@@ -8,6 +8,7 @@ one. A run directory holds:
     metrics.jsonl  one JSON line per optimizer step; eval steps add their results to the line
     eval.json      the final evaluation
     ckpt/last.pt   model, optimizer, step (which is the data position) and every RNG state
+                   (a run on several processes: ckpt/sharded-<step>/, named by ckpt/sharded.json)
     STATUS         written last: "done", or "failed: <reason> at step <n>"
 
 Every file is written to a temporary name and renamed, and read back through `umv2cli.rundir`'s
@@ -18,7 +19,9 @@ at any moment and resumed from its last checkpoint ends exactly where an uninter
 checkpoint after the current step and stop. A NaN or Inf loss or gradient norm stops the run with
 STATUS "failed: …"; so does a write that fails (disk full: "failed: disk full at step n"; the last
 checkpoint stays intact), and a damaged file of the run found on resuming ("failed: damaged
-ckpt/last.pt (…)").
+ckpt/last.pt (…)"). Started by torchrun or as a Slurm job of several tasks, the run spreads over
+the processes (`umv2cli.parallel`); the loop's few calls to it are `if dist:` branches, and one
+process runs exactly as before.
 """
 
 import contextlib
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umv2cli import rundir
+from umv2cli import parallel, rundir
 from umv2cli.config import RunSpec, TrainConfig
 from umv2cli.errors import UserError
 from umv2cli.files import Damaged, WriteError, make_dir, write_atomic
@@ -124,10 +127,12 @@ def load_checkpoint(out: Path, model, optimizer) -> int:
 
 
 def configure_cpu() -> None:
-    """Threads from the CPUs this job was given (Slurm's allocation, else the affinity mask), and
-    denormal floats flushed to zero: early in training they made CPU steps 60× slower here."""
+    """Threads from the CPUs this job was given (Slurm's allocation, else the affinity mask shared
+    by the run's processes on this machine), and denormal floats flushed to zero: early in
+    training they made CPU steps 60× slower here."""
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
-    torch.set_num_threads(int(slurm) if slurm else len(os.sched_getaffinity(0)))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes of a run on this machine
+    torch.set_num_threads(int(slurm) if slurm else max(1, len(os.sched_getaffinity(0)) // local))
     torch.set_flush_denormal(True)
 
 
@@ -272,52 +277,85 @@ def write_failed(out: Path, error: WriteError, step: int) -> RunFailed:
     return RunFailed(f"{error} at step {step}; the last checkpoint is intact, resume once the disk has room")
 
 
+def resume_step(out: Path, model, optimizer, dist: "parallel.Distributed | None") -> int:
+    """Load the newest checkpoint of `out` into model and optimizer; its step (0 without one). One
+    process reads ckpt/last.pt, or a sharded checkpoint of several processes, which it rewrites as
+    last.pt; several processes read a sharded checkpoint (`parallel.Distributed.load`)."""
+    if dist:
+        return dist.load(out, model, optimizer)
+    newest = parallel.newest_checkpoint(out)
+    if newest == "sharded":
+        step = parallel.load_sharded(out, model, optimizer)
+        save_checkpoint(out, model, optimizer, step)
+        parallel.remove_sharded(out)
+        return step
+    return load_checkpoint(out, model, optimizer) if newest else 0
+
+
 def train(spec: RunSpec, out: Path, *, resume: bool | None = False,
           on_step: Callable[[dict], None] | None = None) -> RunResult:
     """Run `spec` in a new directory `out`, or with `resume` continue the run there (pass
     `read_run_spec(out)`); `resume=None` continues the run `out` holds, or starts it if it holds none (a
     sweep's worker). The run's lock is held throughout: a second writer gets `rundir.RunBusy`. A damaged file
-    of the run marks it failed and raises `Damaged`. `on_step` sees every metrics line (for a progress bar)."""
+    of the run marks it failed and raises `Damaged`. `on_step` sees every metrics line (for a progress bar).
+    Started as one of several processes (torchrun, Slurm), the run spreads over them (`umv2cli.parallel`);
+    rank 0 holds the lock and writes the run's files."""
     out = Path(out)
-    if resume is False:
-        check_new_run_dir(out)  # before the lock writes anything into a folder that holds no run
-    with rundir.hold(out):
+    dist = parallel.start(spec, out)
+    lead = dist is None or dist.lead
+    with dist or contextlib.nullcontext(), contextlib.ExitStack() as lock:
+        data = open_run_data(spec)  # every check before the lock makes the folder: a refused run leaves nothing
+        device = dist.device if dist else resolve_device(spec.train.device)
+
+        def take_lock() -> None:
+            if resume is False:
+                check_new_run_dir(out)  # before the lock writes anything into a folder that holds no run
+            lock.enter_context(rundir.hold(out))
+
+        dist.on_lead(take_lock) if dist else take_lock()
         try:
-            return _train(spec, out, not rundir.is_new(out) if resume is None else resume, on_step)
+            return _train(spec, out, not rundir.is_new(out) if resume is None else resume, on_step, dist, data,
+                          device)
         except Damaged as e:
-            with contextlib.suppress(WriteError):
-                write_atomic(out / "STATUS", f"failed: {rundir.damage_reason(out, e)}\n")
+            if lead:
+                with contextlib.suppress(WriteError):
+                    write_atomic(out / "STATUS", f"failed: {rundir.damage_reason(out, e)}\n")
             raise
 
 
-def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], None] | None) -> RunResult:
+def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], None] | None,
+           dist: "parallel.Distributed | None", data, device: torch.device) -> RunResult:
     from umv2cli.data import get_batch
     from umv2cli.model.transformer import build_model
 
+    lead = dist is None or dist.lead  # the one process that writes the run's files
+    if dist:
+        resume = dist.agree(resume)  # rank 0 holds the run: its view decides
     if resume and rundir.is_done(out):
         metrics = read_metrics(out)
         return RunResult(out, "done", metrics[-1]["step"] if metrics else 0, metrics[-1] if metrics else {})
     if resume:
         rundir.check_resumable(out)
     cfg, seq_len = spec.train, spec.train.seq_len or spec.model.seq_len
-    data = open_run_data(spec)
     configure_cpu()
-    device = resolve_device(cfg.device)
-    if resume:
+    if resume and lead:
         (out / "STATUS").unlink(missing_ok=True)  # a failed run, resumed, is failed no longer
-    else:
-        create_run_dir(spec, out)  # only once every check has passed: a refused run leaves no spec.json
+    elif not resume:
+        dist.on_lead(lambda: create_run_dir(spec, out)) if dist else create_run_dir(spec, out)
     model = build_model(spec.model, seed=cfg.seed, device=device)
+    forward = dist.prepare(model) if dist else model  # splits the tables: before the optimizer
     optimizer = build_optimizer(model, cfg)
     with rundir.reading(out / rundir.CHECKPOINT, fix="move ckpt/ aside to train the run again from step 0"):
-        step = load_checkpoint(out, model, optimizer) if resume and (out / rundir.CHECKPOINT).exists() else 0
-    metrics = rundir.keep_metrics(out, step)
-    forward = torch.compile(model) if cfg.compile else model
+        step = resume_step(out, model, optimizer, dist) if resume else 0
+    metrics = rundir.keep_metrics(out, step) if lead else None
+    metrics = dist.agree(metrics) if dist else metrics  # every process decides alike on them
+    forward = torch.compile(forward) if cfg.compile else forward
 
-    stop: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in STOP_SIGNALS}
+    stop: list[int] = []  # several processes stop together: a signal waits in dist.signals until shared
+    previous = {s: signal.signal(s, lambda signum, frame: (dist.signals if dist else stop).append(signum))
+                for s in STOP_SIGNALS}
     line = metrics[-1] if metrics else {}
-    log = rundir.MetricsLog(out)
+    log = rundir.MetricsLog(out if lead else None)
     try:
         while step < cfg.steps and not stop:
             t0 = time.perf_counter()
@@ -326,15 +364,23 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(data.train, cfg.batch_size, seq_len, seed=cfg.seed,
                                  index=step * cfg.grad_accum + micro)
+                if dist:
+                    x, y = dist.own_rows(x, y)
+                    dist.sync_gradients(last=micro == cfg.grad_accum - 1)
                 with autocast(device):
                     logits, aux = forward(x.to(device))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
                 ((loss + aux) / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+            if dist:
+                loss_sum = dist.mean(loss_sum)
+                grad_norm = dist.clip_grad_norm(model, cfg.grad_clip or math.inf)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 what, value = ("loss", loss_sum) if not math.isfinite(loss_sum) else ("gradient norm", grad_norm)
-                write_atomic(out / "STATUS", f"failed: non-finite {what} ({value:g}) at step {step + 1}\n")
+                if lead:
+                    write_atomic(out / "STATUS", f"failed: non-finite {what} ({value:g}) at step {step + 1}\n")
                 raise RunFailed(f"{out}: non-finite {what} at step {step + 1}; STATUS says failed")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -348,7 +394,11 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
             log.append(line)
             if on_step:
                 on_step(line)
-            if stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            if dist:
+                dist.stop_together(stop)
+            if (stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0)) and dist:
+                dist.save(out, model, optimizer, step)
+            elif stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 save_checkpoint(out, model, optimizer, step)
         if stop:
             return RunResult(out, f"stopped by {signal.Signals(stop[0]).name} at step {step}", step, line)
@@ -357,8 +407,9 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
                     **evaluate(model, data, spec, device)}
             log.append(line)
         evaluation = {k: v for k, v in line.items() if k not in ("tokens", "lr", "grad_norm", "tokens_per_s")}
-        write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
-        write_atomic(out / "STATUS", "done\n")
+        if lead:
+            write_atomic(out / "eval.json", json.dumps(evaluation, indent=2) + "\n")
+            write_atomic(out / "STATUS", "done\n")
         return RunResult(out, "done", step, line)
     except WriteError as e:
         raise write_failed(out, e, step) from None

@@ -75,4 +75,5 @@ def test_the_paper_recipe_trains_the_table_10_presets_on_500b_tokens_at_768_x_40
         train = run.spec.train
         assert train.batch_size * train.grad_accum * run.spec.model.seq_len == 768 * 4096
         assert abs(run.row["tokens"] / 500e9 - 1) < 1e-4 and train.lr == 4e-4 and train.schedule == "cosine"
+        assert run.row["gpus"] == 32 and run.row["wall_hours"] == run.row["gpu_hours"] / 32  # 4 nodes × 8 GPUs
     assert sum(r.row["gpu_hours"] for r in runs) > 1000

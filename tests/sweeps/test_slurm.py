@@ -177,6 +177,38 @@ def test_a_requeued_then_preempted_run_resumes_from_its_checkpoint_and_ends_as_a
     assert "Restarts=2" in show
 
 
+def test_a_run_of_two_tasks_trains_together_is_requeued_and_preempted_and_resumes_with_no_lost_or_repeated_step(
+        cluster, tmp_path, umv2):
+    recipe = write_recipe(tmp_path, "two", steps=400, sizes=[32], slurm="cpus = 1\ntasks = 2")
+    code, out, err = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")
+    assert code == 0, err
+    sweep = tmp_path / "out" / "two"
+    [job] = jobs_of(sweep)
+    run, job_id = sweep / "runs" / job["run_id"], job["job_id"]
+
+    def sharded() -> dict:
+        path = run / "ckpt" / "sharded.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    wait_until(lambda: last_step(run) >= 20, "the run's first steps")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)  # SIGTERM to both tasks, then Slurm requeues
+    wait_until(lambda: job_states([job_id]).get(job_id, "") in QUEUED, "the requeue")
+    stopped = last_step(run)
+    assert sharded()["step"] == stopped and steps_logged(run) == list(range(1, stopped + 1))
+    wait_until(lambda: job_states([job_id]).get(job_id, "") in RUNNING and last_step(run) >= stopped + 20,
+               "the run to resume")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", str(cluster), "-o", os.devnull,
+                             "--wrap", "sleep 1"], capture_output=True, text=True, check=True).stdout.strip()
+    wait_until(lambda: job_states([urgent]).get(urgent) == "COMPLETED", "the preempting job")
+    wait_until(lambda: status(umv2, sweep)["done"] == 1, "the run to finish")
+    assert steps_logged(run) == list(range(1, 401))  # no step lost or repeated
+    assert sharded()["world_size"] == 2 and sharded()["step"] == 400  # both tasks trained it, to the end
+    log = (sweep / job["log"]).read_text()  # rank 0's: it requeues the job on preemption
+    assert "this job is preempted" in log and f"Requeued job {job_id}" in log
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=2" in show and "NumTasks=2" in show
+
+
 def test_cancel_stops_every_job_of_a_sweep_and_resume_finishes_it(cluster, tmp_path, umv2):
     recipe = write_recipe(tmp_path, "pair", steps=300, sizes=[32, 48], slurm="cpus = 1\narray_parallelism = 1")
     code, out, err = umv2("sweep", "run", recipe, "--out", tmp_path / "out", "--executor", "slurm")

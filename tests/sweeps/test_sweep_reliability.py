@@ -173,7 +173,7 @@ batch_size = 2
 
 
 @pytest.mark.parametrize("top,train,grid,expected", [
-    ("", "seq_len = 16\ntask_samples = 8", "topm = [2]", "train.seq_len=16: the memory tasks of each evaluation need"),
+    ("", "seq_len = 16\ntask_samples = 8", "topm = [2]", "memory task multi_round_recall: seq_len=16: must be ≥ 18; raise it, or set train.task_samples = 0"),
     ("", "lr = nan", "topm = [2]", "train.lr=nan: must be a finite number"),
     ("", "grad_clip = inf", "topm = [2]", "train.grad_clip=inf: must be a finite number"),
     ("", "beta1 = 1.0", "topm = [2]", "train.beta1=1.0: must be in [0, 1)"),

@@ -195,6 +195,36 @@ def train_speed(
 
 
 @app.command()
+def dist(
+    preset: Annotated[str, typer.Option(help="A model preset.")] = "ultramemv2-227m",
+    processes: Annotated[int, typer.Option(min=1, help="Processes of the run (GPUs), started by torchrun.")] = 1,
+    memory_parallel: Annotated[int, typer.Option(min=1, help="Processes that split each memory table.")] = 1,
+    data_parallel: Annotated[str, typer.Option(help="ddp or fsdp.")] = "ddp",
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences a micro-batch, over all processes.")] = 8,
+    seq_len: Annotated[int, typer.Option(min=16)] = 2048,
+    steps: Annotated[int, typer.Option(min=2, help="Steps of each run.")] = 30,
+    warmup: Annotated[int, typer.Option(min=0, help="First steps left out of the median.")] = 5,
+    baseline: Annotated[bool, typer.Option(help="Also run it as one process without torch.distributed.")] = True,
+    profile: Annotated[bool, typer.Option(help="Rank 0's NCCL kernel time by collective, as a share of a step.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Tokens/s of a run under torchrun on PROCESSES processes against one process without torch.distributed
+    (goal at 1 process: within 3%), the loss gap between them, and with --profile the collectives' share of a step.
+    `python -m umv2cli.bench dist …` does the same without the CLI's packages."""
+    from umv2cli.bench import distributed_speed
+
+    r = distributed_speed(preset, processes=processes, memory_parallel=memory_parallel, data_parallel=data_parallel,
+                          batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, baseline=baseline,
+                          profile=profile)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    _print_rows([{k: v for k, v in r.items() if k != "collective_share"}], f"{preset} on {processes} processes")
+    if profile:
+        _print_rows([r["collective_share"]], "share of a step in NCCL kernels (rank 0)")
+
+
+@app.command()
 def curves(
     preset: Annotated[str, typer.Option(help="An UltraMemV2 or MoE preset small enough to train a few hundred steps.")] = "tiny-ultramemv2",
     steps: Annotated[int, typer.Option(min=1)] = 300,

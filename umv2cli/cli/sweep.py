@@ -27,21 +27,27 @@ def plan(
     show_all: Annotated[bool, typer.Option("--all", help="Every run of a long plan, not its first and last "
                                                          "ones.")] = False,
     mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Model FLOPs utilization for the GPU-hour estimate.")] = 0.3,
+    gpus_per_run: Annotated[int | None, typer.Option(
+        min=1, help="GPUs a run (default: the recipe's slurm nodes × gpus, or 1).")] = None,
     force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
 ) -> None:
-    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each."""
+    """Expand RECIPE into runs; print P, m, density, params, FLOPs/token, tokens and GPU-hours of each, and the
+    wall-clock hours of the longest run on its GPUs."""
     import shutil
 
     from umv2cli.cli.plan_table import plan_lines
     from umv2cli.sweeps.plan import MAX_RUNS, build_plan
     from umv2cli.sweeps.recipe import load_recipe
 
-    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, max_runs=None if force else MAX_RUNS)]
+    rows = [run.row for run in build_plan(load_recipe(recipe), mfu=mfu, max_runs=None if force else MAX_RUNS,
+                                          processes=gpus_per_run)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     lines = plan_lines(rows, str(recipe), shutil.get_terminal_size().columns, wide=wide, show_all=show_all)
     print("\n".join(lines))
+    typer.echo(f"longest run: {max(r['wall_hours'] for r in rows):.3g} wall-clock hours on {rows[0]['gpus']} GPU"
+               f"{'s' * (rows[0]['gpus'] != 1)} (each as fast as one alone)")
     typer.echo(f"total: {len(rows)} runs, {sum(r['gpu_hours'] for r in rows):.3g} GPU-hours at MFU {mfu:.0%} on an H100")
 
 
@@ -53,6 +59,8 @@ def run(
         help="Where runs execute: local (a pool of workers here) or slurm (job arrays through submitit).")] = "local",
     workers: Annotated[int | None, typer.Option(min=1, help=WORKERS)] = None,
     runs_per_gpu: Annotated[int, typer.Option(min=1, help=RUNS_PER_GPU)] = 1,
+    gpus_per_run: Annotated[int, typer.Option(
+        min=1, help="Local: processes of each run (one per GPU; CPU processes without GPUs), started by torchrun.")] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also re-run failed runs.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT)] = False,
     force: Annotated[bool, typer.Option("--force", help=FORCE)] = False,
@@ -61,8 +69,10 @@ def run(
     qos: Annotated[str | None, typer.Option(help="Slurm QOS.", rich_help_panel=SLURM)] = None,
     time: Annotated[str | None, typer.Option(help="Per job: minutes, or a Slurm time such as 4:00:00 (default 60).",
                                              rich_help_panel=SLURM)] = None,
-    gpus: Annotated[int | None, typer.Option(min=1, help="GPUs per run.", rich_help_panel=SLURM)] = None,
-    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs per run.", rich_help_panel=SLURM)] = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="Nodes per run.", rich_help_panel=SLURM)] = None,
+    gpus: Annotated[int | None, typer.Option(min=1, help="GPUs per node of a run (one process each).",
+                                             rich_help_panel=SLURM)] = None,
+    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs per process of a run.", rich_help_panel=SLURM)] = None,
     mem_gb: Annotated[float | None, typer.Option(min=0.001, help="Memory per run in GB.",
                                                  rich_help_panel=SLURM)] = None,
     constraint: Annotated[str | None, typer.Option(help="Slurm node constraint.", rich_help_panel=SLURM)] = None,
@@ -70,10 +80,11 @@ def run(
     """Launch every run of RECIPE that is not done, queued or running; Slurm: submit and return (or --wait)."""
     from umv2cli.sweeps.launch import launch
 
-    slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "gpus": gpus, "cpus": cpus,
+    slurm = {"partition": partition, "account": account, "qos": qos, "time": time, "nodes": nodes, "gpus": gpus, "cpus": cpus,
              "mem_gb": mem_gb, "constraint": constraint}
-    sweep, results = launch(recipe, out, executor=executor, workers=workers, runs_per_gpu=runs_per_gpu, slurm=slurm,
-                            wait=wait, retry_failed=retry_failed, force=force, on_done=_print_done)
+    sweep, results = launch(recipe, out, executor=executor, workers=workers, runs_per_gpu=runs_per_gpu,
+                            gpus_per_run=gpus_per_run, slurm=slurm, wait=wait, retry_failed=retry_failed, force=force,
+                            on_done=_print_done)
     _summary(sweep, results)
 
 

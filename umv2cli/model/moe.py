@@ -64,10 +64,15 @@ class Router(nn.Module):
         p_NE = logits_NE.softmax(dim=-1)
         probs_NK, experts_NK = p_NE.topk(self.topk, dim=-1)
         counts_E = torch.bincount(experts_NK.flatten(), minlength=E)
-        f_E = counts_E.to(p_NE.dtype) / experts_NK.numel()  # fraction of the N·K slots; no gradient
-        balance = E * torch.dot(f_E, p_NE.mean(dim=0))  # E · Σ_i f_i · P_i
+        f_E, P_E = self.batch_means(counts_E, p_NE)
+        balance = E * torch.dot(f_E, P_E)  # E · Σ_i f_i · P_i
         z = logits_NE.logsumexp(dim=-1).square().mean()  # mean over tokens of logsumexp²
         return experts_NK, probs_NK, counts_E, self.lb_coef * balance + self.z_coef / self.topk * z
+
+    def batch_means(self, counts_E: torch.Tensor, p_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_E, the fraction of the batch's N·K routing slots sent to each expert (no gradient), and
+        P_E, each expert's probability averaged over the batch's tokens."""
+        return counts_E.to(p_NE.dtype) / (p_NE.shape[0] * self.topk), p_NE.mean(dim=0)
 
 
 def swiglu(x_RH: torch.Tensor, w1_HF: torch.Tensor, w3_HF: torch.Tensor, w2_FH: torch.Tensor) -> torch.Tensor:

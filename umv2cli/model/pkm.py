@@ -120,13 +120,16 @@ class ProductKeyMemory(nn.Module):
         # step 5: softmax over the k scores (in fp32 at least), one bag of A·K rows per token
         w_BTAK = score_BTAK.softmax(-1, dtype=torch.promote_types(score_BTAK.dtype, torch.float32))
         w_BTAK = w_BTAK.to(self.values.dtype)
-        y_BTV = F.embedding_bag(rows_BTAK.reshape(B * T, A * K), self.values,
-                                per_sample_weights=w_BTAK.reshape(B * T, A * K), mode="sum").view(B, T, -1)
+        y_BTV = self.bag(rows_BTAK.reshape(B * T, A * K), w_BTAK.reshape(B * T, A * K)).view(B, T, -1)
 
         # step 6: Memory+ gate (eq. 2) and the output projection
         if self.cfg.swilu:
             y_BTV = y_BTV * F.silu(self.w1(u_BTH))
         return self.w2(y_BTV), u_BTH.new_zeros(())
+
+    def bag(self, rows_NL: torch.Tensor, w_NL: torch.Tensor) -> torch.Tensor:
+        """Step 5's embedding bag: each of the N tokens' sum of its L = heads·k weighted rows, [N, dv]."""
+        return F.embedding_bag(rows_NL, self.values, per_sample_weights=w_NL, mode="sum")
 
 
 def pkm_costs(cfg: PKMConfig, d_model: int) -> LayerCosts:
