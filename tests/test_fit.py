@@ -409,3 +409,18 @@ def test_reference_rows_are_set_beside_the_grid_not_fitted():
     configs = grid.group_by("sparse_params", "topm").agg(pl.col("loss").mean())["loss"]
     assert dense["grid_best"] == pytest.approx(configs.min()) and dense["grid_worst"] == pytest.approx(configs.max())
     assert without["references"] == []
+
+
+def test_a_grid_axis_beside_p_and_m_splits_the_iso_cost_pairs_and_leaves_the_fit_alone():
+    """A sweep with references has a `grid.model` column (null on the grid's rows): the fit reads it as another
+    axis, and pairs match only within one value of it."""
+    df = planted_loglinear(-0.02, -0.05, grid=True)
+    with_axis = df.with_columns(pl.lit(None, dtype=pl.String).alias("grid.model"))
+    assert F._other_axes(with_axis).tolist() == [0] * df.height
+    split = df.with_columns(pl.when(pl.col("grid.topm") > 64).then(pl.lit("b")).otherwise(pl.lit("a"))
+                            .alias("grid.model"))
+    assert sorted(set(F._other_axes(split).tolist())) == [0, 1]
+    plain, axis = F.run_fit(df, "loglinear", 200, seed=0), F.run_fit(with_axis, "loglinear", 200, seed=0)
+    assert (axis["e_m"], axis["e_P"], axis["verdict"]) == (plain["e_m"], plain["e_P"], plain["verdict"])
+    assert axis["sign_test"]["pairs"] == plain["sign_test"]["pairs"] > F.run_fit(split, "loglinear", 200,
+                                                                                   seed=0)["sign_test"]["pairs"]

@@ -289,8 +289,8 @@ def _other_axes(df) -> np.ndarray:
         return np.full(df.height, -1)
     if not others:
         return np.zeros(df.height, int)
-    key = pl.concat_str([df[c].cast(pl.String).fill_null("∅") for c in others], separator="\x1f")
-    return (key.rank("dense") - 1).cast(pl.Int64).to_numpy()
+    key = pl.concat_str([pl.col(c).cast(pl.String).fill_null("∅") for c in others], separator="\x1f")
+    return df.select((key.rank("dense") - 1).cast(pl.Int64)).to_series().to_numpy()
 
 
 # ----------------------------------------------------------------------------------- what a fit is run on
