@@ -340,7 +340,7 @@ def views(table, sweep: Path | None, at_flops: Sequence[float], where: str) -> t
     elif at_flops and sweep:
         from umv2cli.sweeps.aggregate import aggregate
 
-        at = aggregate(sweep, at_flops, write=False).filter(pl.col("status") == "done")
+        at, _ = split_references(aggregate(sweep, at_flops, write=False).filter(pl.col("status") == "done"))
         refits += [_on(_budget_view(at, f)) for f in at_flops]
     elif at_flops:
         raise UserError(f"--at-flops: {where} is a table without an at_flops column; give the sweep directory "

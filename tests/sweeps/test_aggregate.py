@@ -138,3 +138,16 @@ def test_bench_aggregate_times_a_synthetic_sweep(umv2):
     r = json.loads(out)
     assert (r["runs"], r["rows_per_run"], r["budgets"]) == (100, 200, 3)
     assert 0 < r["default_s"] < 10 and 0 < r["at_flops_s"] < 10 and r["metrics_bytes"] > 100 * 200 * 100
+
+
+def test_the_refits_of_a_sweep_leave_its_reference_runs_out_as_the_main_fit_does(sweep, umv2, tmp_path):
+    write_schedules(sweep, {f"{i:012x}": ("wsd", 0.2) for i in range(100) if i % 100 < 97})
+    plan = pl.read_parquet(sweep / "plan.parquet")
+    plan.with_columns(reference=pl.col("run_id").is_in([f"{0:012x}", f"{1:012x}"])).write_parquet(
+        sweep / "plan.parquet")
+    budget = 3 * 590_000 * 40 * 8 * 64
+    code, _, err = umv2("fit", sweep, "--bootstrap", "50", "--at-flops", budget, "--json", tmp_path / "fit.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "fit.json").read_text())
+    assert report["n_runs"] == 95 and [r["n_runs"] for r in report["robustness"]] == [95, 95]
+    assert sum(r["runs"] for r in report["references"]) == 2
