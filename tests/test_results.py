@@ -24,8 +24,9 @@ def table_of(fit: Path) -> Path:
     return fit.with_name(fit.stem.replace("fit", "results", 1) + ".parquet")
 
 
-def test_the_cpu_answer_is_shipped():
-    assert (RESULTS / "micro-cpu" / "fit.json").exists() and (RESULTS / "micro-cpu" / "report.html").exists()
+@pytest.mark.parametrize("name", ["micro-cpu", "micro-1gpu"])
+def test_the_answers_are_shipped_with_their_report_and_readme(name):
+    assert all((RESULTS / name / f).exists() for f in ("results.parquet", "fit.json", "report.html", "README.md"))
 
 
 def same(a, b) -> bool:
