@@ -27,6 +27,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from umv2cli.errors import UserError
@@ -604,7 +605,7 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
     raise TypeError(f"unsupported config type {hint!r}")
 
 
-def read_table(path: "Path") -> dict[str, Any]:
+def read_table(path: Path) -> dict[str, Any]:
     """A TOML (or, by suffix, JSON) file's top-level table; one-line errors naming the file."""
     import json
     import tomllib
@@ -625,8 +626,6 @@ def read_table(path: "Path") -> dict[str, Any]:
 
 def load_config(spec: str) -> ModelConfig:
     """A preset name, or a path to a TOML or JSON config file."""
-    from pathlib import Path
-
     from umv2cli.model.presets import PRESETS, get_preset
 
     if spec in PRESETS:

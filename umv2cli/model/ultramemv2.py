@@ -198,7 +198,7 @@ class UltraMemV2(nn.Module):
         Returns g and E[s²] = 1 + σ_s² of the selected (summed) scores after scaling, for eq. 26.
         """
         gen = torch.Generator().manual_seed(0)
-        R, D = self.cfg.rank, self.cfg.dk
+        D = self.cfg.dk
         q_flat = torch.randn(samples, self.w_q.out_features, generator=gen).to(self.keys_SRND)
         q_KSRD = self.normed_queries(q_flat, None)
         k_SRND = F.rms_norm(self.keys_SRND, (D,), None, NORM_EPS)
