@@ -63,6 +63,10 @@ class LaunchOptions:
     gpus_per_run: int = 1
     """Local: processes (GPUs, or CPU processes without any) of each run; above 1, torchrun starts them."""
 
+    def processes(self, executor: str) -> int:
+        """The processes of each run on `executor`: `gpus_per_run` locally, the Slurm job's tasks on Slurm."""
+        return self.gpus_per_run if executor == "local" else self.slurm.processes
+
 
 def prepare_sweep(recipe_path: Path, out: Path, force: bool = False, check_data: bool = False,
                   processes: int | None = None) -> tuple[Path, Recipe, list[PlannedRun]]:
@@ -274,9 +278,9 @@ def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: in
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
     recipe_slurm = slurm_options({**load_recipe(recipe_path).slurm, **overrides}, where=str(recipe_path))
-    processes = gpus_per_run if executor == "local" else recipe_slurm.processes
-    sweep, recipe, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local", processes=processes)
     options = LaunchOptions(workers, runs_per_gpu, recipe_slurm, wait, gpus_per_run)
+    sweep, _, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local",
+                                   processes=options.processes(executor))
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
                                                     "runs_per_gpu": runs_per_gpu, "gpus_per_run": gpus_per_run,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
@@ -294,8 +298,7 @@ def resume(sweep: Path, *, wait: bool = False, retry_failed: bool = False,
                             slurm_options(last["slurm"], where=str(sweep / "launch.json")), wait,
                             last.get("gpus_per_run", 1))
     recipe = load_recipe(sweep / "recipe.toml", base=last.get("recipe_dir"))  # its paths, as the original's
-    processes = options.gpus_per_run if last["executor"] == "local" else options.slurm.processes
-    runs = build_plan(recipe, max_runs=None, processes=processes)  # planned once already
+    runs = build_plan(recipe, max_runs=None, processes=options.processes(last["executor"]))  # planned once already
     if last["executor"] == "local":
         check_run_data(runs)
     todo, elsewhere = runs_to_launch(sweep, runs, retry_failed)

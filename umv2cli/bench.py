@@ -375,7 +375,6 @@ def distributed_speed(preset: str = "ultramemv2-227m", *, processes: int = 1, me
     import sys
 
     from umv2cli.config import run_spec_from_dict
-    from umv2cli.files import make_dir
     from umv2cli.train import create_run_dir, read_metrics
 
     train = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "eval_batches": 1, "task_samples": 0,
@@ -386,7 +385,6 @@ def distributed_speed(preset: str = "ultramemv2-227m", *, processes: int = 1, me
 
     def timed(spec, out: Path, launcher: list[str], profile: bool = False) -> tuple[list[dict], dict]:
         """The run's metrics and its profile; its directory is removed (a 227M checkpoint is ~15 GB)."""
-        make_dir(out)
         create_run_dir(spec, out)
         command = [*launcher, "-m", "umv2cli.bench", "run", str(out), *(["--profile"] if profile else [])]
         subprocess.run(command, env=env, check=True)

@@ -156,8 +156,6 @@ TASK_SEQ_LEN = 128
 HEALTH_TOKENS = 4096
 """UltraMemV2 layer health is measured on the first this many validation tokens of each layer's input: a bounded
 sample (HEALTH_TOKENS × d_model activations per layer), the same tokens in every run."""
-TASK_SEQ_LEN = 128
-"""The memory tasks are drawn at min(seq_len, TASK_SEQ_LEN) tokens a sequence."""
 
 
 @torch.no_grad()
@@ -266,6 +264,7 @@ def open_run_data(spec: RunSpec):
 
 def create_run_dir(spec: RunSpec, out: Path) -> None:
     check_new_run_dir(out)  # again, under the lock: the folder may have become a run since the first look
+    make_dir(out)  # the lock made it already, where there is one
     write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2) + "\n")
 
 
@@ -396,10 +395,11 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
                 on_step(line)
             if dist:
                 dist.stop_together(stop)
-            if (stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0)) and dist:
-                dist.save(out, model, optimizer, step)
-            elif stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-                save_checkpoint(out, model, optimizer, step)
+            if stop or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                if dist:
+                    dist.save(out, model, optimizer, step)
+                else:
+                    save_checkpoint(out, model, optimizer, step)
         if stop:
             return RunResult(out, f"stopped by {signal.Signals(stop[0]).name} at step {step}", step, line)
         if line.get("step") != step:  # resumed at its last step, whose metrics line was lost: evaluate again
