@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -208,8 +209,10 @@ def launch_local_distributed(sweep: Path, runs: list[PlannedRun], processes: int
 
 def execute_distributed_run(spec: RunSpec, run_dir: Path, processes: int, devices: str | None = None) -> str:
     """One run, fresh or resumed, as `processes` processes under torchrun on this machine (on the
-    GPUs `devices`, e.g. "0,1", if given); its final status line."""
-    from umv2cli.rundir import hold, is_new
+    GPUs `devices`, e.g. "0,1", if given); its final status line. torchrun gets SIGTERM if the
+    sweep's process dies (kill -9 included), and stops its processes with it."""
+    from umv2cli.rundir import damage_reason, hold, is_new, read_status
+    from umv2cli.sweeps.workers import signal_at_parent_death
     from umv2cli.train import create_run_dir
 
     with hold(run_dir):  # its spec.json, for `umv2 train --resume`; rank 0 then takes the lock
@@ -218,9 +221,14 @@ def execute_distributed_run(spec: RunSpec, run_dir: Path, processes: int, device
     env = os.environ | ({"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "umv2cli", "train", "--resume", str(run_dir)]
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if (run_dir / "STATUS").exists():
-        return (run_dir / "STATUS").read_text().strip()
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal_at_parent_death(signal.SIGTERM))
+    try:
+        status = read_status(run_dir)
+    except Damaged as e:
+        return f"failed: {damage_reason(run_dir, e)}"
+    if status:
+        return status
     return f"stopped at step {last_step(run_dir)}: {torchrun_failure(result.returncode, result.stdout + result.stderr)}"
 
 

@@ -154,13 +154,19 @@ def first_done(futures) -> set[Future]:
 
 _stopping = None
 """In a worker: its pool's stop event."""
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded once, so that a forked child only calls into it
+
+
+def signal_at_parent_death(sig: int) -> None:
+    """Ask Linux to send this process `sig` when the thread that started it ends (its parent's
+    death, kill -9 included). Safe as a `subprocess` preexec_fn: it only calls prctl(2)."""
+    if _libc.prctl(PR_SET_PDEATHSIG, *map(ctypes.c_ulong, (sig, 0, 0, 0))) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _start_worker(unclaimed, parent: int, stopping) -> None:
     global _stopping
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, *map(ctypes.c_ulong, (signal.SIGKILL, 0, 0, 0))) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    signal_at_parent_death(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request: no signal will come
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -131,15 +131,16 @@ ckpt_every = 1_000_000
 
 
 def start_sweep(tmp_path: Path, grid: str, workers: int, train: str = "",
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+                env: dict[str, str] | None = None, launch: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
     """`umv2 sweep run` of a recipe of long runs, as its own process writing to tmp_path/std{out,err}
-    (files, not pipes, which a worker that outlived it would hold open); (the process, its sweep)."""
+    (files, not pipes, which a worker that outlived it would hold open); (the process, its sweep).
+    `launch`: other options of `sweep run` (e.g. --gpus-per-run 2 instead of the workers)."""
     pytest.importorskip("polars", reason="`umv2 sweep run` writes plan.parquet with polars, not installed here")
     recipe = tmp_path / "long.toml"
     recipe.write_text(LONG.format(grid=grid, train=train))
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         parent = subprocess.Popen([sys.executable, "-m", "umv2cli", "sweep", "run", recipe, "--out", tmp_path / "out",
-                                   "--workers", str(workers)], stdout=out, stderr=err, env={**os.environ, **(env or {})},
+                                   *(launch or ("--workers", str(workers)))], stdout=out, stderr=err, env={**os.environ, **(env or {})},
                                   preexec_fn=ctrl_c_as_in_a_terminal)
     return parent, tmp_path / "out" / "long"
 
@@ -190,6 +191,35 @@ def test_killing_the_sweep_parent_alone_kills_its_workers(tmp_path):
         assert not [w for w in workers if alive(w)], "workers outlived their parent"
     finally:
         for pid in [parent.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    found, pending = set(), [pid]
+    while pending:
+        for child in children(pending.pop()) if alive(pid) else ():
+            found.add(child)
+            pending.append(child)
+    return found
+
+
+def test_killing_the_sweep_parent_alone_stops_torchrun_and_its_processes(tmp_path):
+    """--gpus-per-run 2 without GPUs: one run as two gloo processes under torchrun, which the
+    sweep's process starts from a thread; torchrun gets SIGTERM when that process dies and stops
+    its ranks."""
+    parent, sweep = start_sweep(tmp_path, "ffn_hidden = [32]", workers=1, launch=("--gpus-per-run", "2"))
+    tree: set[int] = set()
+    try:
+        wait_until(lambda: sum(steps_logged(sweep).values()) > 0, "the run to train")
+        tree = descendants(parent.pid)
+        assert len(tree) >= 3  # torchrun and its two ranks
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        wait_until(lambda: not any(map(alive, tree)), "torchrun and its ranks to stop", timeout=60)
+    finally:
+        for pid in [parent.pid, *tree]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         parent.wait()
