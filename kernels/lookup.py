@@ -68,7 +68,7 @@ import triton.language as tl  # noqa: E402
 
 from umv2cli.kernels import resolve_impl  # noqa: E402
 from umv2cli.kernels.row_sort import sort_by_row  # noqa: E402
-from umv2cli.kernels.rows import TILE_ELEMENTS, gelu, launch_dims, row_tile  # noqa: E402
+from umv2cli.kernels.rows import NUM_WARPS, TILE_ELEMENTS, gelu, launch_dims, row_tile  # noqa: E402
 from umv2cli.kernels.value_grad import mem_bwd_rows  # noqa: E402
 
 
@@ -216,7 +216,7 @@ def mem_bwd_x(table_TD, rows_BM, dz_BM, dx_BP):
     if P and B:
         block_p = max(16, triton.next_power_of_2(P))
         _mem_bwd_x_kernel[(B,)](table_TD, rows_BM, dz_BM, dx_BP, M, P, table_TD.shape[1] - P, BLOCK_P=block_p,
-                                TILE=max(1, min(32, TILE_ELEMENTS // block_p)), num_warps=4)
+                                TILE=max(1, min(16, TILE_ELEMENTS // block_p)), num_warps=NUM_WARPS)
     return dx_BP
 
 

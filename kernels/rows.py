@@ -16,8 +16,13 @@ import triton.language as tl
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/√2 (constexpr: jit code reads no plain globals)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
-TILE_ELEMENTS = 2048
-"""fp32 elements of one [J, C, W] tile: 16 registers a thread at 4 warps."""
+TILE_ELEMENTS = 4096
+"""fp32 elements of one [J, C, W] tile: 32 registers a thread at NUM_WARPS warps."""
+NUM_WARPS = 4
+"""Warps per program of every lookup kernel. Measured on an H100 (bf16 rows of 576 and 768 B,
+m = 32, 16k tokens): 16 lookups a tile at 4 warps ran the forward 1.8×, the row-major backward
+1.85× and the x_p pass 1.9× faster than 8 lookups at 4 warps (and 16 at 8 warps); 8 warps was
+slower at every tile size tried."""
 
 
 @triton.jit
@@ -58,14 +63,12 @@ def segment_sum(a, id_a, b, id_b):
     return tl.where(id_a == id_b, a + b, b), id_b
 
 
-def launch_dims(C: int, P: int, V: int, tile_elements: int = TILE_ELEMENTS) -> dict:
+def launch_dims(C: int, P: int, V: int) -> dict:
     """The shared launch arguments of the lookup kernels: sizes, D_p > 0, power-of-two blocks,
-    lookups per tile (a [TILE, C, W] tile of about `tile_elements`) and warps (4 per 2048
-    elements of a tile)."""
+    lookups per tile (a [TILE, C, W] tile of about TILE_ELEMENTS) and warps."""
     W = V // C
     block_p = max(16, triton.next_power_of_2(max(P, 1)))
     block_c, block_w = triton.next_power_of_2(C), max(16, triton.next_power_of_2(W))
-    per_lookup = block_c * block_w
-    tile = max(1, min(32, tile_elements // per_lookup))
+    tile = max(1, min(32, TILE_ELEMENTS // (block_c * block_w)))
     return dict(D_P=P, D_V=V, W=W, C=C, HAS_P=P > 0, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_W=block_w,
-                TILE=tile, num_warps=min(8, max(4, 4 * tile * per_lookup // TILE_ELEMENTS)))
+                TILE=tile, num_warps=NUM_WARPS)

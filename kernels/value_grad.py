@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umv2cli.kernels.rows import TILE_ELEMENTS, gelu, gelu_grad, launch_dims, row_tile, segment_sum
+from umv2cli.kernels.rows import gelu, gelu_grad, launch_dims, row_tile, segment_sum
 
 
 def value_grad_reference(
@@ -199,7 +199,7 @@ def mem_bwd_rows(
     dz_BM = torch.empty(B, M if P else 0, dtype=torch.float32, device=do_BV.device)
     L = B * M
     if L:
-        dims = launch_dims(C, P, V, tile_elements=2 * TILE_ELEMENTS)  # longer tiles: fewer rows cut by one
+        dims = launch_dims(C, P, V)
         _mem_bwd_rows_kernel[(triton.cdiv(L, dims["TILE"]),)](
             table_TD, sorted_L, order_L, scores_BMC, h_BM if P else ds_BMC, x_p_BP, do_BV, grad_TD,
             ds_BMC, dz_BM if P else ds_BMC, L, M, **dims, GELU=act == "gelu")

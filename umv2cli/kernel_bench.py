@@ -248,6 +248,8 @@ def bench_layer(preset: str = "ultramemv2-227m", tokens: int = 16384, paths=LAYE
         u = torch.randn(1, tokens, layer.w_q.in_features, device="cuda", requires_grad=True)
 
         def forward():
+            if how == "cudagraphs":  # a new step: the graph may reuse the last call's output memory
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return fn(u)[0]
 
@@ -261,7 +263,6 @@ def bench_layer(preset: str = "ultramemv2-227m", tokens: int = 16384, paths=LAYE
                          "fb_ms": _bench_ms(forward_backward), "fb_host_ms": _host_ms(forward_backward)})
         except Exception as e:  # noqa: BLE001 (a benchmark: report it, measure the other paths)
             rows.append({"path": name, "error": f"{type(e).__name__}: {e}"[:300]})
-        del layer, fn
         torch.cuda.empty_cache()
     by_path = {r["path"]: r for r in rows if "fb_ms" in r}
     for r in by_path.values():
