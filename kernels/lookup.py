@@ -49,12 +49,12 @@ def memory_lookup_reference(
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels (K2 mem_fwd; the backward is K34 in value_grad.py, which reads the lookups in row
-# order (row_sort.py), then a token-major pass for x_p). Names
+# order (value_grad.sort_by_row), then a token-major pass for x_p). Names
 # follow the math above: h_j = <P[p_j], x_p> (pre-activation), z_j = act(h_j). One program per
 # token loads TILE lookups at a time; the row layout and its int64 addressing are rows.py's;
 # everything accumulates in fp32 (no tl.dot, so bf16 is exact under the interpreter too).
 #
-# Backward, per call: sort the B·m lookups by row (row_sort.py); K34 reads each touched row's
+# Backward, per call: sort the B·m lookups by row (a stable torch.sort); K34 reads each touched row's
 # value once and gives ds, dz = ∂L/∂h and the table gradient's touched rows; then, per token,
 # dx_p = Σ_j dz_j P[p_j] gathers the D_p pre-values again (the only second read of the table).
 # Bytes: U·D_v + B·m·D_p table elements read (U touched rows ≤ B·m), against the forward's
@@ -67,9 +67,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from umv2cli.kernels import resolve_impl  # noqa: E402
-from umv2cli.kernels.row_sort import sort_by_row  # noqa: E402
 from umv2cli.kernels.rows import NUM_WARPS, TILE_ELEMENTS, gelu, launch_dims, row_tile  # noqa: E402
-from umv2cli.kernels.value_grad import mem_bwd_rows  # noqa: E402
+from umv2cli.kernels.value_grad import mem_bwd_rows, sort_by_row  # noqa: E402
 
 
 @triton.jit

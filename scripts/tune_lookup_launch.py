@@ -19,8 +19,7 @@ import umv2cli  # noqa: E402
 
 umv2cli.__path__.append(str(ROOT))  # a bare checkout: kernels/ as umv2cli.kernels (see bench_speed.py)
 from umv2cli.kernels.lookup import _mem_bwd_x_kernel, _mem_fwd_kernel, mem_fwd  # noqa: E402
-from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel  # noqa: E402
-from umv2cli.kernels.row_sort import sort_by_row  # noqa: E402
+from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel, sort_by_row  # noqa: E402
 from umv2cli.kernels.rows import launch_dims  # noqa: E402
 
 CPU = not torch.cuda.is_available()

@@ -86,11 +86,10 @@ def lookup_inputs(P: int, V: int, M: int, B: int, T: int, dtype=torch.bfloat16, 
 
 
 def backward_parts_ms(x_p, table, rows, scores, do) -> dict:
-    """The model's backward (bf16 rows read, an fp32 gradient), whole and in parts: the counting
-    sort (and the stable torch.sort + searchsorted it replaced), K34, the x_p pass, the memset."""
+    """The model's backward (bf16 rows read, an fp32 gradient), whole and in parts: the sort by
+    row, K34, the x_p pass, the memset."""
     from umv2cli.kernels.lookup import mem_bwd, mem_bwd_x, mem_fwd
-    from umv2cli.kernels.row_sort import sort_by_row
-    from umv2cli.kernels.value_grad import mem_bwd_rows
+    from umv2cli.kernels.value_grad import mem_bwd_rows, sort_by_row
 
     T, D = table.shape
     _, h = mem_fwd(x_p, table, rows, scores)  # act "none"
@@ -99,15 +98,10 @@ def backward_parts_ms(x_p, table, rows, scores, do) -> dict:
     _, dz = mem_bwd_rows(table, sorted_L, order_L, scores, h, x_p, do, grad)
     dx = torch.empty_like(x_p)
 
-    def old_sort():
-        s, o = torch.sort(rows.reshape(-1), stable=True)
-        return torch.searchsorted(s, s, right=True), o
-
     parts = {
         "bwd_ms": _bench_ms(lambda: mem_bwd(x_p, table, rows, scores, h, do)),
         "bwd_touched_ms": _bench_ms(lambda: mem_bwd(x_p, table, rows, scores, h, do, grad_TD=grad)),
         "sort_ms": _bench_ms(lambda: sort_by_row(rows, T)),
-        "torch_sort_ms": _bench_ms(old_sort),
         "k34_ms": _bench_ms(lambda: mem_bwd_rows(table, sorted_L, order_L, scores, h, x_p, do, grad)),
         "zero_fill_ms": _bench_ms(lambda: torch.zeros(T, D, dtype=torch.float32, device="cuda")),
     }

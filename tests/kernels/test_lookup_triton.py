@@ -1,5 +1,5 @@
-"""The Triton value lookup (kernels/lookup.py K2 and the x_p pass, kernels/value_grad.py K34,
-kernels/row_sort.py) against the reference, under Triton's interpreter without CUDA (see
+"""The Triton value lookup (kernels/lookup.py K2 and the x_p pass, kernels/value_grad.py K34 and
+its sort by row) against the reference, under Triton's interpreter without CUDA (see
 kernel_checks.py)."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_checks import DEVICE, REL_TOL, rel_err
 
-from umv2cli.kernels import lookup, row_sort, rows, value_grad
+from umv2cli.kernels import lookup, rows, value_grad
 
 
 def random_lookup(B, M, C, P, V, T, *, dtype=torch.float32, index_dtype=torch.int64, seed=0):
@@ -90,29 +90,18 @@ def test_bf16_reads_under_the_reference_path_round_the_same_way():
 
 
 # ------------------------------------------------------------------------------------------------
-# the backward's parts: the counting sort, K34's rows (hot rows over several tiles), touched rows only
+# the backward's parts: the sort by row, K34's rows (hot rows over several tiles), touched rows only
 
 
-@pytest.mark.parametrize("L,T,digit_bits,block", [
-    (37, 9, 11, 1024),  # one pass, one partial block
-    (100, 1000, 3, 16),  # four passes of 3 bits over 7 blocks, the last partial
-    (60, 2, 1, 16),  # two rows, heavy ties
-    (5, 1, 11, 1024),  # a single row
-])
-def test_counting_sort_is_stable_and_orders_by_row(L, T, digit_bits, block):
+@pytest.mark.parametrize("L,T", [(37, 9), (5000, 1000), (60, 2), (5, 1)])
+def test_sort_by_row_is_stable_and_gives_int32(L, T):
     rows_L = torch.randint(0, T, (L,), generator=torch.Generator().manual_seed(L)).to(DEVICE)
-    sorted_L, order_L = row_sort.sort_by_row(rows_L, T, max_digit_bits=digit_bits, block=block)
-    expected_sorted, expected_order = torch.sort(rows_L.cpu(), stable=True)  # ties keep ℓ order
+    sorted_L, order_L = value_grad.sort_by_row(rows_L, T)
     assert sorted_L.dtype == order_L.dtype == torch.int32
-    assert torch.equal(sorted_L.cpu().long(), expected_sorted)
-    assert torch.equal(order_L.cpu().long(), expected_order)
-
-
-def test_digit_plan_covers_the_rows_in_few_passes():
-    assert row_sort.digit_plan(2) == (1, 1)
-    assert row_sort.digit_plan(10**6) == (2, 10)  # 20 bits
-    assert row_sort.digit_plan(2**22) == (2, 11)
-    assert row_sort.digit_plan(10**8) == (3, 9)  # 27 bits
+    assert torch.equal(sorted_L.cpu().long(), rows_L.cpu()[order_L.cpu().long()])
+    assert bool((sorted_L[1:] >= sorted_L[:-1]).all())
+    ties = sorted_L[1:] == sorted_L[:-1]  # equal rows keep ascending lookup order ℓ
+    assert bool((order_L[1:][ties] > order_L[:-1][ties]).all())
 
 
 def backward_inputs(B, M, C, P, V, T, seed=1):
@@ -153,7 +142,7 @@ def test_backward_writes_only_the_touched_rows_of_a_given_gradient():
     touched[rows_BM.reshape(-1).cpu()] = True
     assert torch.isnan(grad.cpu()[~touched]).all() and not torch.isnan(grad.cpu()[touched]).any()
     z = torch.nn.functional.gelu(h)
-    _, dz = value_grad.mem_bwd_rows(table, *row_sort.sort_by_row(rows_BM, 40), scores, h, x_p, do,
+    _, dz = value_grad.mem_bwd_rows(table, *value_grad.sort_by_row(rows_BM, 40), scores, h, x_p, do,
                                      torch.zeros_like(grad), "gelu")
     fp64 = [t.cpu() if t is rows_BM else t.double().cpu() for t in (x_p, rows_BM, scores, z, dz, do)]
     expected = value_grad.value_grad_reference(*fp64, 40)
