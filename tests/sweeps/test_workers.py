@@ -197,11 +197,15 @@ def test_killing_the_sweep_parent_alone_kills_its_workers(tmp_path):
 
 
 def descendants(pid: int) -> set[int]:
+    """Every process below pid now (one that ends while it is read is left out)."""
     found, pending = set(), [pid]
     while pending:
-        for child in children(pending.pop()) if alive(pid) else ():
-            found.add(child)
-            pending.append(child)
+        try:
+            below = children(pending.pop())
+        except FileNotFoundError:
+            continue
+        found |= below
+        pending += below
     return found
 
 
