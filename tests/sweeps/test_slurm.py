@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 
 from umv2cli.sweeps.ledger import last_step
 from umv2cli.sweeps.slurm import QUEUED, RUNNING, job_states, max_array_size, minutes
+
+import waiting
 
 RECIPE = """name = "{name}"
 model = "tiny-dense"
@@ -70,12 +71,9 @@ def jobs_of(sweep: Path) -> list[dict]:
 
 
 def wait_until(condition, what: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            queue = subprocess.run(["squeue", "-t", "all"], capture_output=True, text=True).stdout
-            pytest.fail(f"waited {timeout:.0f} s for {what}; squeue:\n{queue}")
-        time.sleep(0.2)
+    """waiting.wait_until, printing the Slurm queue on a timeout."""
+    queue = lambda: "; squeue:\n" + subprocess.run(["squeue", "-t", "all"], capture_output=True, text=True).stdout  # noqa: E731
+    waiting.wait_until(condition, what, timeout, queue)
 
 
 def status(umv2, sweep: Path) -> dict:

@@ -15,6 +15,8 @@ import pytest
 from umv2cli.errors import UserError
 from umv2cli.sweeps.workers import WorkerPool, WorkerSlot, gpu_names, gpus_for, plan_workers
 
+from waiting import wait_until
+
 
 def as_before(cpus: list[int], workers: int | None, runs: int) -> list[WorkerSlot]:
     """The placement before GPUs were placed: min(workers or #CPUs, #CPUs, runs) workers, worker w on
@@ -154,13 +156,6 @@ def ctrl_c_as_in_a_terminal() -> None:
 def steps_logged(sweep: Path) -> dict[str, int]:
     """Run id → metrics lines, of the runs that have started."""
     return {m.parent.name: len(m.read_text().splitlines()) for m in (sweep / "runs").glob("*/metrics.jsonl")}
-
-
-def wait_until(condition, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def children(pid: int) -> set[int]:
