@@ -19,12 +19,9 @@ Each program takes TILE consecutive positions of the sorted order, which may hol
 it gathers their V rows, s, h, do and x_p, stores ds and dz per lookup, and sums each row's
 contributions with a segmented scan in sorted order. A row that starts and ends in the tile is
 written there. The tile's last row, if it runs on into the next tile and starts in this one,
-is finished by this program; a row that started earlier belongs to the program where it started.
-So every row is summed by one program in ascending ℓ, with no atomics: the gradient is the same
-bit for bit on every call. The program loads the next tile's ids with its own and that row's
-lookups in the next tile with its own lookups (masked to nothing when the row ends here), so
-finishing it costs no second round of dependent loads; only a row that fills the whole next tile
-too is walked further, a tile at a time.
+is finished by this program, which walks the following tiles of that row; a row that started
+earlier belongs to the program where it started. So every row is summed by one program in
+ascending ℓ, with no atomics: the gradient is the same bit for bit on every call.
 
 Bytes: reads U·D_v table elements (U touched rows), and per lookup D_v (do) + D_p (x_p) + C + 3
 scalars, mostly from L2 (the B tokens' activations are small); writes U·(D_p + D_v) gradient
@@ -146,31 +143,19 @@ def _mem_bwd_rows_kernel(
     pos = k * TILE + offs_o
     valid = pos < L
     row = tl.load(SORTED + pos, mask=valid, other=-1).to(tl.int64)
-    ell = tl.load(ORDER + pos, mask=valid, other=0).to(tl.int64)
     row_before = tl.load(SORTED + k * TILE - 1, mask=k > 0, other=-1).to(tl.int64)
-    pos_after = k * TILE + TILE  # the next tile, loaded now for the row that runs on into it
-    pos_next = pos_after + offs_o
-    row_next = tl.load(SORTED + pos_next, mask=pos_next < L, other=-1).to(tl.int64)
-    ell_next = tl.load(ORDER + pos_next, mask=pos_next < L, other=0).to(tl.int64)
-    row_after = tl.sum(tl.where(offs_o == 0, row_next, 0), axis=0)
+    pos_after = k * TILE + TILE
+    row_after = tl.load(SORTED + pos_after, mask=pos_after < L, other=-1).to(tl.int64)
+    ell = tl.load(ORDER + pos, mask=valid, other=0).to(tl.int64)
     v = tl.load(TABLE + row[:, None, None] * D + D_P + offs_cw[None, :, :],  # read U·D_v
                 mask=valid[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
     dv, dp, ds, dz = _tile_grads(v, ell, valid, S, H, X_P, DO, M, D_P, D_V, C,
                                  offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
                                  HAS_P, GELU, TILE, BLOCK_P)
-    # the tile's last row, if it starts here and runs on: its lookups in the next tile
-    last = offs_o == TILE - 1
-    last_row = tl.sum(tl.where(last, row, 0), axis=0)
-    runs_on = (last_row >= 0) & (last_row == row_after) & (last_row != row_before)
-    in_row = (row_next == last_row) & runs_on
-    v_row = tl.load(TABLE + last_row * D + D_P + offs_cw, mask=mask_cw & runs_on, other=0.0).to(tl.float32)
-    dv_next, dp_next, _, _ = _tile_grads(v_row[None, :, :], ell_next, in_row, S, H, X_P, DO, M, D_P, D_V, C,
-                                         offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
-                                         HAS_P, GELU, TILE, BLOCK_P)
     tl.store(DS + ell[:, None] * C + offs_c[None, :], ds.to(DS.dtype.element_ty),
              mask=valid[:, None] & mask_c[None, :])
     # each row's sum over this tile: a segmented scan in sorted order (ascending ℓ)
-    next_row = tl.where(last, row_after, tl.gather(row, tl.minimum(offs_o + 1, TILE - 1), 0))
+    next_row = tl.where(offs_o == TILE - 1, row_after, tl.gather(row, tl.minimum(offs_o + 1, TILE - 1), 0))
     owned_end = valid & (row != next_row) & (row != row_before)  # rows that start and end here
     dv_sum = tl.reshape(tl.associative_scan(
         (tl.reshape(dv, (TILE, BLOCK_C * BLOCK_W)),
@@ -185,22 +170,26 @@ def _mem_bwd_rows_kernel(
                  mask=owned_end[:, None] & mask_p[None, :])
     else:
         dp_sum = dp
-    if runs_on:  # finish the last row: this tile's part, the next tile's, then any further tiles
-        acc_v = tl.sum(tl.where(last[:, None, None], dv_sum, 0.0), axis=0) + tl.sum(dv_next, axis=0)
-        acc_p = tl.sum(tl.where(last[:, None], dp_sum, 0.0), axis=0) + tl.sum(dp_next, axis=0)
-        q = pos_after + TILE
-        full = tl.sum(in_row.to(tl.int64), axis=0)  # positions of the row in the last tile read
+    # the tile's last row runs on into the next tile and starts in this one: finish it here
+    last = offs_o == TILE - 1
+    last_row = tl.sum(tl.where(last, row, 0), axis=0)
+    if (last_row >= 0) & (last_row == row_after) & (last_row != row_before):
+        acc_v = tl.sum(tl.where(last[:, None, None], dv_sum, 0.0), axis=0)
+        acc_p = tl.sum(tl.where(last[:, None], dp_sum, 0.0), axis=0)
+        v_row = tl.load(TABLE + last_row * D + D_P + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
+        q = pos_after
+        full = q * 0 + TILE  # positions of the row in the last tile walked
         while full == TILE:
             pos_q = q + offs_o
-            in_row_q = tl.load(SORTED + pos_q, mask=pos_q < L, other=-1).to(tl.int64) == last_row
-            ell_q = tl.load(ORDER + pos_q, mask=in_row_q, other=0).to(tl.int64)
-            dv_q, dp_q, _, _ = _tile_grads(v_row[None, :, :], ell_q, in_row_q, S, H, X_P, DO, M, D_P, D_V, C,
+            in_row = tl.load(SORTED + pos_q, mask=pos_q < L, other=-1).to(tl.int64) == last_row
+            ell_q = tl.load(ORDER + pos_q, mask=in_row, other=0).to(tl.int64)
+            dv_q, dp_q, _, _ = _tile_grads(v_row[None, :, :], ell_q, in_row, S, H, X_P, DO, M, D_P, D_V, C,
                                            offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
                                            HAS_P, GELU, TILE, BLOCK_P)
             acc_v += tl.sum(dv_q, axis=0)
             acc_p += tl.sum(dp_q, axis=0)
             q += TILE
-            full = tl.sum(in_row_q.to(tl.int64), axis=0)
+            full = tl.sum(in_row.to(tl.int64), axis=0)
         base = GRAD + last_row * D
         tl.store(base + D_P + offs_cw, acc_v.to(GRAD.dtype.element_ty), mask=mask_cw)
         if HAS_P:
