@@ -70,13 +70,13 @@ class LaunchOptions:
 
 
 def prepare_sweep(recipe_path: Path, out: Path, force: bool = False, check_data: bool = False,
-                  processes: int | None = None) -> tuple[Path, Recipe, list[PlannedRun]]:
+                  processes: int | None = None, recipe: Recipe | None = None) -> tuple[Path, Recipe, list[PlannedRun]]:
     """Plan the recipe (any number of runs with `force`) for runs of `processes` processes each (default: its
     [slurm] table's) and write the sweep directory's recipe copy and plan.parquet; with `check_data`, open the
-    runs' data first (nothing is written if it cannot be used)."""
+    runs' data first (nothing is written if it cannot be used). `recipe`: the file, already loaded."""
     import polars as pl
 
-    recipe = load_recipe(recipe_path)
+    recipe = recipe or load_recipe(recipe_path)
     runs = build_plan(recipe, max_runs=None if force else MAX_RUNS, processes=processes)
     if check_data:
         check_run_data(runs)
@@ -285,10 +285,11 @@ def launch(recipe_path: Path, out: Path, *, executor: str = "local", workers: in
         raise UserError(f"--executor {executor}: unknown; use one of {', '.join(EXECUTORS)}")
     overrides = {k: v for k, v in (slurm or {}).items() if v is not None}
     slurm_options(overrides, where="command line")  # its own problems, named as such
-    recipe_slurm = slurm_options({**load_recipe(recipe_path).slurm, **overrides}, where=str(recipe_path))
+    recipe = load_recipe(recipe_path)
+    recipe_slurm = slurm_options({**recipe.slurm, **overrides}, where=str(recipe_path))
     options = LaunchOptions(workers, runs_per_gpu, recipe_slurm, wait, gpus_per_run)
     sweep, _, runs = prepare_sweep(recipe_path, out, force, check_data=executor == "local",
-                                   processes=options.processes(executor))
+                                   processes=options.processes(executor), recipe=recipe)
     write_atomic(sweep / "launch.json", json.dumps({"executor": executor, "workers": workers,
                                                     "runs_per_gpu": runs_per_gpu, "gpus_per_run": gpus_per_run,
                                                     "recipe_dir": str(recipe_path.parent.resolve()),
