@@ -228,33 +228,39 @@ def one_memory_layer(preset: str, kernels: str) -> torch.nn.Module:
 LAYER_PATHS = ("triton", "triton+compile", "torch", "torch+compile")
 
 
+def layer_path_ms(preset: str, tokens: int, name: str) -> dict:
+    """One path of `bench_layer` (kernels, then "+compile" or nothing): its forward and
+    forward+backward times, or the error it raised. The layer is freed on return."""
+    kernels, _, how = name.partition("+")
+    layer = one_memory_layer(preset, kernels)
+    torch._dynamo.reset()
+    fn = torch.compile(layer) if how else layer
+    u = torch.randn(1, tokens, layer.w_q.in_features, device="cuda", requires_grad=True)
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(u)[0]
+
+    def forward_backward():
+        layer.zero_grad(set_to_none=True)
+        forward().float().square().mean().backward()
+
+    try:
+        forward_backward()  # compiles, where it does
+        return {"path": name, "tokens": tokens, "fwd_ms": _bench_ms(forward),
+                "fb_ms": _bench_ms(forward_backward), "fb_host_ms": _host_ms(forward_backward)}
+    except Exception as e:  # noqa: BLE001 (a benchmark: report it, measure the other paths)
+        return {"path": name, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def bench_layer(preset: str = "ultramemv2-227m", tokens: int = 16384, paths=LAYER_PATHS) -> list[dict]:
     """Forward and forward+backward of one memory layer under bf16 autocast, per path, and the
     Triton paths' speed-ups over the reference and its torch.compile. A path that fails is
     listed with its error."""
     rows = []
     for name in paths:
-        kernels, _, how = name.partition("+")
-        layer = one_memory_layer(preset, kernels)
-        torch._dynamo.reset()
-        fn = torch.compile(layer) if how else layer
-        u = torch.randn(1, tokens, layer.w_q.in_features, device="cuda", requires_grad=True)
-
-        def forward():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return fn(u)[0]
-
-        def forward_backward():
-            layer.zero_grad(set_to_none=True)
-            forward().float().square().mean().backward()
-
-        try:
-            forward_backward()  # compiles, where it does
-            rows.append({"path": name, "tokens": tokens, "fwd_ms": _bench_ms(forward),
-                         "fb_ms": _bench_ms(forward_backward), "fb_host_ms": _host_ms(forward_backward)})
-        except Exception as e:  # noqa: BLE001 (a benchmark: report it, measure the other paths)
-            rows.append({"path": name, "error": f"{type(e).__name__}: {e}"[:300]})
-        torch.cuda.empty_cache()
+        rows.append(layer_path_ms(preset, tokens, name))
+        torch.cuda.empty_cache()  # the last path's layer is gone: give its memory back
     by_path = {r["path"]: r for r in rows if "fb_ms" in r}
     for r in by_path.values():
         for ref in ("torch", "torch+compile"):
