@@ -70,10 +70,13 @@ def jobs_of(sweep: Path) -> list[dict]:
     return [json.loads(line) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
 
 
+def squeue() -> str:
+    return "; squeue:\n" + subprocess.run(["squeue", "-t", "all"], capture_output=True, text=True).stdout
+
+
 def wait_until(condition, what: str, timeout: float = 300.0) -> None:
     """waiting.wait_until, printing the Slurm queue on a timeout."""
-    queue = lambda: "; squeue:\n" + subprocess.run(["squeue", "-t", "all"], capture_output=True, text=True).stdout  # noqa: E731
-    waiting.wait_until(condition, what, timeout, queue)
+    waiting.wait_until(condition, what, timeout, squeue)
 
 
 def status(umv2, sweep: Path) -> dict:
