@@ -15,13 +15,14 @@ ds and dz need V[p_ℓ], which is the row the table gradient is summed for: so o
 lookups in row order (`sort_by_row`, stable: ascending ℓ within a row) computes all of them, and
 the rows are gathered once for the whole backward (K3 and K4 used to gather them twice).
 
-Each program takes TILE consecutive positions of the sorted order, which may hold several rows:
-it gathers their V rows, s, h, do and x_p, stores ds and dz per lookup, and sums each row's
-contributions with a segmented scan in sorted order. A row that starts and ends in the tile is
-written there. The tile's last row, if it runs on into the next tile and starts in this one,
-is finished by this program, which walks the following tiles of that row; a row that started
-earlier belongs to the program where it started. So every row is summed by one program in
-ascending ℓ, with no atomics: the gradient is the same bit for bit on every call.
+Each program takes ROWS consecutive table rows and walks their lookups in sorted order, LOOKUPS
+of each row at a time (`row_ptr[p]` .. `row_ptr[p + 1]`, from a `searchsorted` of the sorted
+ids): it gathers each lookup's s, h, do and x_p (the row's V is the same for all of them), stores
+ds and dz per lookup, and adds the contributions of each row with a plain sum over its lookups.
+Every row is summed by one program, in ascending ℓ chunks of LOOKUPS (a fixed tree within a
+chunk), with no atomics: the gradient is the same bit for bit on every call. Unlike a tile of
+sorted positions, no row crosses a program, so there is no segmented scan and no walk into the
+next tile; the price is idle lanes where a row has fewer lookups than LOOKUPS.
 
 Bytes: reads U·D_v table elements (U touched rows), and per lookup D_v (do) + D_p (x_p) + C + 3
 scalars, mostly from L2 (the B tokens' activations are small); writes U·(D_p + D_v) gradient
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umv2cli.kernels.rows import gelu, gelu_grad, launch_dims, row_tile, segment_sum
+from umv2cli.kernels.rows import gelu, gelu_grad, launch_dims, row_tile
 
 
 def sort_by_row(
@@ -114,8 +115,8 @@ def _tile_grads(
 @triton.jit
 def _mem_bwd_rows_kernel(
     TABLE,  # pointer to the table as the forward read it [T, D_p + D_v]
-    SORTED,  # pointer to the row ids in sorted order, int32 [L]
-    ORDER,  # pointer to the lookup ids ℓ = t·m + j in that order, int32 [L]
+    ROW_PTR,  # pointer to row p's first position in sorted order, int32 [T + 1]
+    ORDER,  # pointer to the lookup ids ℓ = t·m + j in sorted order, int32 [L]
     S,  # pointer to the scores s [B·m, C]
     H,  # pointer to the pre-activations h (fp32) [B·m]; unused when not HAS_P
     X_P,  # pointer to x_p [B, D_p]
@@ -123,7 +124,7 @@ def _mem_bwd_rows_kernel(
     GRAD,  # pointer to the table gradient [T, D_p + D_v]: touched rows are written
     DS,  # pointer to ds [B·m, C]
     DZ,  # pointer to dz = ∂L/∂h (fp32) [B·m]; unused when not HAS_P
-    L,  # lookups B·m
+    T,  # table rows
     M,  # m, lookups per token
     D_P,  # pre-value dim
     D_V,  # value dim
@@ -131,7 +132,8 @@ def _mem_bwd_rows_kernel(
     C,  # cores
     HAS_P: tl.constexpr,  # D_p > 0
     GELU: tl.constexpr,  # act = exact GELU (else identity)
-    TILE: tl.constexpr,  # sorted positions per program, a power of two
+    ROWS: tl.constexpr,  # table rows per program, a power of two
+    LOOKUPS: tl.constexpr,  # lookups of each row per step, a power of two
     BLOCK_P: tl.constexpr,  # power of two ≥ D_p
     BLOCK_C: tl.constexpr,  # power of two ≥ C
     BLOCK_W: tl.constexpr,  # power of two ≥ W
@@ -139,61 +141,42 @@ def _mem_bwd_rows_kernel(
     k = tl.program_id(0).to(tl.int64)
     D = D_P + D_V
     offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
-    offs_o = tl.arange(0, TILE)
-    pos = k * TILE + offs_o
-    valid = pos < L
-    row = tl.load(SORTED + pos, mask=valid, other=-1).to(tl.int64)
-    row_before = tl.load(SORTED + k * TILE - 1, mask=k > 0, other=-1).to(tl.int64)
-    pos_after = k * TILE + TILE
-    row_after = tl.load(SORTED + pos_after, mask=pos_after < L, other=-1).to(tl.int64)
-    ell = tl.load(ORDER + pos, mask=valid, other=0).to(tl.int64)
-    v = tl.load(TABLE + row[:, None, None] * D + D_P + offs_cw[None, :, :],  # read U·D_v
-                mask=valid[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
-    dv, dp, ds, dz = _tile_grads(v, ell, valid, S, H, X_P, DO, M, D_P, D_V, C,
-                                 offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
-                                 HAS_P, GELU, TILE, BLOCK_P)
-    tl.store(DS + ell[:, None] * C + offs_c[None, :], ds.to(DS.dtype.element_ty),
-             mask=valid[:, None] & mask_c[None, :])
-    # each row's sum over this tile: a segmented scan in sorted order (ascending ℓ)
-    next_row = tl.where(offs_o == TILE - 1, row_after, tl.gather(row, tl.minimum(offs_o + 1, TILE - 1), 0))
-    owned_end = valid & (row != next_row) & (row != row_before)  # rows that start and end here
-    dv_sum = tl.reshape(tl.associative_scan(
-        (tl.reshape(dv, (TILE, BLOCK_C * BLOCK_W)),
-         tl.broadcast_to(row[:, None], (TILE, BLOCK_C * BLOCK_W))), 0, segment_sum)[0],
-        (TILE, BLOCK_C, BLOCK_W))
-    tl.store(GRAD + row[:, None, None] * D + D_P + offs_cw[None, :, :], dv_sum.to(GRAD.dtype.element_ty),
-             mask=owned_end[:, None, None] & mask_cw[None, :, :])
-    if HAS_P:
-        tl.store(DZ + ell, dz, mask=valid)
-        dp_sum = tl.associative_scan((dp, tl.broadcast_to(row[:, None], (TILE, BLOCK_P))), 0, segment_sum)[0]
-        tl.store(GRAD + row[:, None] * D + offs_p[None, :], dp_sum.to(GRAD.dtype.element_ty),
-                 mask=owned_end[:, None] & mask_p[None, :])
-    else:
-        dp_sum = dp
-    # the tile's last row runs on into the next tile and starts in this one: finish it here
-    last = offs_o == TILE - 1
-    last_row = tl.sum(tl.where(last, row, 0), axis=0)
-    if (last_row >= 0) & (last_row == row_after) & (last_row != row_before):
-        acc_v = tl.sum(tl.where(last[:, None, None], dv_sum, 0.0), axis=0)
-        acc_p = tl.sum(tl.where(last[:, None], dp_sum, 0.0), axis=0)
-        v_row = tl.load(TABLE + last_row * D + D_P + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
-        q = pos_after
-        full = q * 0 + TILE  # positions of the row in the last tile walked
-        while full == TILE:
-            pos_q = q + offs_o
-            in_row = tl.load(SORTED + pos_q, mask=pos_q < L, other=-1).to(tl.int64) == last_row
-            ell_q = tl.load(ORDER + pos_q, mask=in_row, other=0).to(tl.int64)
-            dv_q, dp_q, _, _ = _tile_grads(v_row[None, :, :], ell_q, in_row, S, H, X_P, DO, M, D_P, D_V, C,
-                                           offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
-                                           HAS_P, GELU, TILE, BLOCK_P)
-            acc_v += tl.sum(dv_q, axis=0)
-            acc_p += tl.sum(dp_q, axis=0)
-            q += TILE
-            full = tl.sum(in_row.to(tl.int64), axis=0)
-        base = GRAD + last_row * D
-        tl.store(base + D_P + offs_cw, acc_v.to(GRAD.dtype.element_ty), mask=mask_cw)
+    # slot i = (row r, lookup j) of the program: r = i // LOOKUPS, j = i % LOOKUPS
+    offs_i = tl.arange(0, ROWS * LOOKUPS)
+    row_i = k * ROWS + offs_i // LOOKUPS
+    j_i = offs_i % LOOKUPS
+    in_table = row_i < T
+    start_i = tl.load(ROW_PTR + row_i, mask=in_table, other=0)
+    end_i = tl.load(ROW_PTR + row_i + 1, mask=in_table, other=0)
+    touched_i = end_i > start_i
+    v = tl.load(TABLE + row_i[:, None, None] * D + D_P + offs_cw[None, :, :],  # read U·D_v
+                mask=touched_i[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
+    dv_sum = tl.zeros((ROWS, BLOCK_C * BLOCK_W), dtype=tl.float32)
+    dp_sum = tl.zeros((ROWS, BLOCK_P), dtype=tl.float32)
+    for j0 in range(0, tl.max(end_i - start_i, axis=0), LOOKUPS):
+        pos = start_i + j0 + j_i
+        valid = pos < end_i
+        ell = tl.load(ORDER + pos, mask=valid, other=0).to(tl.int64)
+        dv, dp, ds, dz = _tile_grads(v, ell, valid, S, H, X_P, DO, M, D_P, D_V, C,
+                                     offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
+                                     HAS_P, GELU, ROWS * LOOKUPS, BLOCK_P)
+        tl.store(DS + ell[:, None] * C + offs_c[None, :], ds.to(DS.dtype.element_ty),
+                 mask=valid[:, None] & mask_c[None, :])
         if HAS_P:
-            tl.store(base + offs_p, acc_p.to(GRAD.dtype.element_ty), mask=mask_p)
+            tl.store(DZ + ell, dz, mask=valid)
+        # each row's sum over its LOOKUPS lookups of this step
+        dv_sum += tl.sum(tl.reshape(dv, (ROWS, LOOKUPS, BLOCK_C * BLOCK_W)), axis=1)
+        dp_sum += tl.sum(tl.reshape(dp, (ROWS, LOOKUPS, BLOCK_P)), axis=1)
+    row = k * ROWS + tl.arange(0, ROWS)
+    touched = (row < T) & (tl.load(ROW_PTR + row + 1, mask=row < T, other=0) >
+                           tl.load(ROW_PTR + row, mask=row < T, other=0))
+    offs_f = tl.arange(0, BLOCK_C * BLOCK_W)  # [C, W] flattened: chunk c, element w
+    c_f, w_f = offs_f // BLOCK_W, offs_f % BLOCK_W
+    tl.store(GRAD + row[:, None] * D + D_P + (c_f * W + w_f)[None, :], dv_sum.to(GRAD.dtype.element_ty),
+             mask=touched[:, None] & ((c_f < C) & (w_f < W))[None, :])
+    if HAS_P:
+        tl.store(GRAD + row[:, None] * D + offs_p[None, :], dp_sum.to(GRAD.dtype.element_ty),
+                 mask=touched[:, None] & mask_p[None, :])
 
 
 def mem_bwd_rows(
@@ -211,12 +194,25 @@ def mem_bwd_rows(
     dz_BM = ∂L/∂h fp32; [B, 0] if D_p = 0). All tensors contiguous, on one device."""
     B, M, C = scores_BMC.shape
     P, V = x_p_BP.shape[1], do_BV.shape[1]
+    T = table_TD.shape[0]
     ds_BMC = torch.empty_like(scores_BMC)
     dz_BM = torch.empty(B, M if P else 0, dtype=torch.float32, device=do_BV.device)
     L = B * M
     if L:
-        dims = launch_dims(C, P, V)
-        _mem_bwd_rows_kernel[(triton.cdiv(L, dims["TILE"]),)](
-            table_TD, sorted_L, order_L, scores_BMC, h_BM if P else ds_BMC, x_p_BP, do_BV, grad_TD,
-            ds_BMC, dz_BM if P else ds_BMC, L, M, **dims, GELU=act == "gelu")
+        row_ptr = torch.searchsorted(sorted_L, torch.arange(T + 1, dtype=torch.int32, device=sorted_L.device),
+                                     out_int32=True)  # row p's lookups: positions row_ptr[p] .. row_ptr[p + 1]
+        dims = rows_launch_dims(C, P, V, L / T)
+        _mem_bwd_rows_kernel[(triton.cdiv(T, dims["ROWS"]),)](
+            table_TD, row_ptr, order_L, scores_BMC, h_BM if P else ds_BMC, x_p_BP, do_BV, grad_TD,
+            ds_BMC, dz_BM if P else ds_BMC, T, M, **dims, GELU=act == "gelu")
     return ds_BMC, dz_BM
+
+
+def rows_launch_dims(C: int, P: int, V: int, lookups_per_row: float) -> dict:
+    """K34's launch: a one-warp program of ROWS × LOOKUPS slots (at most 4, fewer for wide rows),
+    LOOKUPS about the mean lookups per table row."""
+    dims = launch_dims(C, P, V)
+    slots = max(1, min(4, 1024 // (dims["BLOCK_C"] * dims["BLOCK_W"])))
+    lookups = min(slots, triton.next_power_of_2(max(1, round(lookups_per_row))))
+    return {k: dims[k] for k in ("D_P", "D_V", "W", "C", "HAS_P", "BLOCK_P", "BLOCK_C", "BLOCK_W")} | dict(
+        ROWS=slots // lookups, LOOKUPS=lookups, num_warps=1)

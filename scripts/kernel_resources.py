@@ -29,16 +29,17 @@ import umv2cli  # noqa: E402
 umv2cli.__path__.append(str(ROOT))  # a bare checkout: kernels/ as umv2cli.kernels (see bench_speed.py)
 from umv2cli.kernels.lookup import _mem_bwd_x_kernel, _mem_fwd_kernel  # noqa: E402
 from umv2cli.kernels.rows import launch_dims  # noqa: E402
-from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel  # noqa: E402
+from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel, rows_launch_dims  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 SM_REGISTERS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 233472, 64, 32  # per SM of an H100
 # pointer arguments and their element types (bf16 rows, scores and activations; fp32 gradient and h)
 POINTERS = {"TABLE": "bf16", "X_P": "bf16", "S": "bf16", "O": "bf16", "DO": "bf16", "DS": "bf16", "DX_P": "bf16",
-            "H": "fp32", "GRAD": "fp32", "DZ": "fp32", "ROWS": "i64", "SORTED": "i32", "ORDER": "i32"}
-# (D_p, D_v, m, lookups B·m): the ultramemv2-227m layer's rows (768 B), and 576 B rows
-SHAPES = [(192, 192, 32, 16384 * 32), (96, 192, 32, 16384 * 32)]
+            "H": "fp32", "GRAD": "fp32", "DZ": "fp32", "ROWS": "i64", "ROW_PTR": "i32", "SORTED": "i32", "ORDER": "i32"}
+# (D_p, D_v, m, lookups B·m, table rows T): the ultramemv2-227m layer's table (768 B rows), and
+# 576 B rows over 10⁶
+SHAPES = [(192, 192, 32, 16384 * 32, 129600), (96, 192, 32, 16384 * 32, 10**6)]
 CONFIGS = [(8, 4), (16, 4), (32, 4), (16, 8), (32, 8)]  # (lookups per tile, warps)
 
 
@@ -76,21 +77,21 @@ def resources(compiled, num_warps: int, tile: int) -> dict:
             "programs_per_sm": programs, "warps_per_sm": programs * num_warps, "lookups_per_sm": programs * tile}
 
 
-def kernel_rows(P: int, V: int, M: int, L: int, C: int = 2) -> list[dict]:
+def kernel_rows(P: int, V: int, M: int, L: int, T: int, C: int = 2) -> list[dict]:
     dims = launch_dims(C, P, V)
-    ints = {"D_P": P, "D_V": V, "W": dims["W"], "C": C, "M": M, "L": L}
+    ints = {"D_P": P, "D_V": V, "W": dims["W"], "C": C, "M": M, "L": L, "T": T}
     blocks = {k: dims[k] for k in ("HAS_P", "BLOCK_P", "BLOCK_C", "BLOCK_W")}
-    rows = []
+    k34 = rows_launch_dims(C, P, V, L / T)  # one launch per shape: its slots follow the lookups per row
+    launches = [("row-major backward (K34)", k34["ROWS"] * k34["LOOKUPS"], k34["num_warps"], _mem_bwd_rows_kernel,
+                 dict(blocks, GELU=False, ROWS=k34["ROWS"], LOOKUPS=k34["LOOKUPS"]))]
     for tile, warps in CONFIGS:
-        launches = {
-            "forward (K2)": (_mem_fwd_kernel, dict(blocks, GELU=False, TILE=tile)),
-            "row-major backward (K34)": (_mem_bwd_rows_kernel, dict(blocks, GELU=False, TILE=tile)),
-            "x_p pass": (_mem_bwd_x_kernel, {"BLOCK_P": dims["BLOCK_P"], "TILE": tile}),
-        }
-        for name, (kernel, constexprs) in launches.items():
-            row = {"kernel": name, "row_bytes": 2 * (P + V), "tile": tile, "warps": warps}
-            row.update(resources(compile_for_h100(kernel, ints, constexprs, warps), warps, tile))
-            rows.append(row)
+        launches += [("forward (K2)", tile, warps, _mem_fwd_kernel, dict(blocks, GELU=False, TILE=tile)),
+                     ("x_p pass", tile, warps, _mem_bwd_x_kernel, {"BLOCK_P": dims["BLOCK_P"], "TILE": tile})]
+    rows = []
+    for name, tile, warps, kernel, constexprs in launches:
+        row = {"kernel": name, "row_bytes": 2 * (P + V), "tile": tile, "warps": warps}
+        row.update(resources(compile_for_h100(kernel, ints, constexprs, warps), warps, tile))
+        rows.append(row)
     return rows
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_checks import DEVICE, REL_TOL, rel_err
 
-from umv2cli.kernels import lookup, rows, value_grad
+from umv2cli.kernels import lookup, value_grad
 
 
 def random_lookup(B, M, C, P, V, T, *, dtype=torch.float32, index_dtype=torch.int64, seed=0):
@@ -113,12 +113,12 @@ def backward_inputs(B, M, C, P, V, T, seed=1):
 
 @pytest.mark.usefixtures("poisoned_empty")
 @pytest.mark.parametrize("B,M,C,P,V,T", [
-    (6, 6, 1, 3, 200, 1),  # C·W = 256: tiles of 16 lookups; one row of 36, over two full tiles and more
-    (4, 6, 2, 0, 200, 2),  # D_p = 0; two rows of ~12 in 24 lookups: a tile boundary cuts one
+    (6, 6, 1, 3, 200, 1),  # C·W = 256: 4 lookups a step; one row of 36, in 9 steps
+    (4, 6, 2, 0, 200, 2),  # D_p = 0; two rows of ~12 in 24 lookups, several steps each
 ])
-def test_rows_spanning_several_tiles_sum_in_a_fixed_order(B, M, C, P, V, T):
+def test_rows_of_many_lookups_sum_in_a_fixed_order(B, M, C, P, V, T):
     args = backward_inputs(B, M, C, P, V, T)
-    assert rows.launch_dims(C, P, V)["TILE"] < B * M, "the lookups must span tiles"
+    assert value_grad.rows_launch_dims(C, P, V, B * M / T)["LOOKUPS"] < B * M / T, "rows must take several steps"
     first = lookup.mem_bwd(*args, "gelu")
     second = lookup.mem_bwd(*args, "gelu")
     for a, b in zip(first, second):
