@@ -55,11 +55,10 @@ def memory_lookup_reference(
 # everything accumulates in fp32 (no tl.dot, so bf16 is exact under the interpreter too).
 #
 # Backward, per call: sort the B·m lookups by row (a stable torch.sort); K34 reads each touched row's
-# value once and gives ds, dz = ∂L/∂h and the table gradient's touched rows; then, per token,
-# dx_p = Σ_j dz_j P[p_j] gathers the D_p pre-values again (the only second read of the table).
-# Bytes: U·D_v + B·m·D_p table elements read (U touched rows ≤ B·m), against the forward's
-# B·m·(D_p + D_v); the gradient's untouched rows are one memset, which the caller may skip by
-# passing a gradient buffer whose untouched rows are already zero.
+# value once and gives ds, dz = ∂L/∂h and every row of the table gradient (zeros where untouched,
+# so there is no memset); then, per token, dx_p = Σ_j dz_j P[p_j] gathers the D_p pre-values
+# again (the only second read of the table). Bytes: U·D_v + B·m·D_p table elements read (U
+# touched rows ≤ B·m), against the forward's B·m·(D_p + D_v); T·(D_p + D_v) gradient written.
 
 import os  # noqa: E402
 
@@ -191,19 +190,17 @@ def mem_fwd(x_p_BP, table_TD, rows_BM, scores_BMC, act="none") -> tuple[torch.Te
     return o_BV, h_BM
 
 
-def mem_bwd(x_p_BP, table_TD, rows_BM, scores_BMC, h_BM, do_BV, act="none", *, grad_TD=None):
+def mem_bwd(x_p_BP, table_TD, rows_BM, scores_BMC, h_BM, do_BV, act="none"):
     """The backward of K2 from its saved inputs and the output gradient do [B, D_v]. Returns
-    (dx_p_BP, dtable_TD, ds_BMC): dx_p and ds in x_p's and the scores' dtypes, dtable in grad_TD,
-    which defaults to fp32 zeros of the table's shape (give your own to skip the memset; only
-    the touched rows are written)."""
+    (dx_p_BP, dtable_TD, ds_BMC): dx_p and ds in x_p's and the scores' dtypes, dtable fp32 of the
+    table's shape."""
     B, M, C, P, V = _check_lookup_args(x_p_BP, table_TD, rows_BM, scores_BMC, act)
     if tuple(do_BV.shape) != (B, V) or not do_BV.is_contiguous():
         raise ValueError(f"mem_bwd: do must be contiguous [B, D_v] = {(B, V)}, got {tuple(do_BV.shape)}")
     if P and (tuple(h_BM.shape) != (B, M) or h_BM.dtype != torch.float32 or not h_BM.is_contiguous()):
         raise ValueError(f"mem_bwd: h must be contiguous fp32 [B, m] = {(B, M)}")
     T = table_TD.shape[0]
-    if grad_TD is None:
-        grad_TD = torch.zeros(T, P + V, dtype=torch.float32, device=do_BV.device)
+    grad_TD = torch.empty(T, P + V, dtype=torch.float32, device=do_BV.device)  # K34 writes every row
     sorted_L, order_L = sort_by_row(rows_BM, T)
     ds_BMC, dz_BM = mem_bwd_rows(table_TD, sorted_L, order_L, scores_BMC, h_BM, x_p_BP, do_BV, grad_TD, act)
     return mem_bwd_x(table_TD, rows_BM, dz_BM, torch.empty_like(x_p_BP)), grad_TD, ds_BMC

@@ -25,8 +25,9 @@ sorted positions, no row crosses a program, so there is no segmented scan and no
 next tile; the price is idle lanes where a row has fewer lookups than LOOKUPS.
 
 Bytes: reads U·D_v table elements (U touched rows), and per lookup D_v (do) + D_p (x_p) + C + 3
-scalars, mostly from L2 (the B tokens' activations are small); writes U·(D_p + D_v) gradient
-elements and L·(C + 1) scalars. Rows nobody touched are left as they are (zero, from the caller).
+scalars, mostly from L2 (the B tokens' activations are small); writes all T·(D_p + D_v) gradient
+elements (zeros in the rows nobody looked up, so the gradient needs no memset first) and
+L·(C + 1) scalars.
 """
 
 import torch
@@ -121,7 +122,7 @@ def _mem_bwd_rows_kernel(
     H,  # pointer to the pre-activations h (fp32) [B·m]; unused when not HAS_P
     X_P,  # pointer to x_p [B, D_p]
     DO,  # pointer to the output gradient do [B, D_v]
-    GRAD,  # pointer to the table gradient [T, D_p + D_v]: touched rows are written
+    GRAD,  # pointer to the table gradient [T, D_p + D_v]: every row is written
     DS,  # pointer to ds [B·m, C]
     DZ,  # pointer to dz = ∂L/∂h (fp32) [B·m]; unused when not HAS_P
     T,  # table rows
@@ -167,16 +168,15 @@ def _mem_bwd_rows_kernel(
         # each row's sum over its LOOKUPS lookups of this step
         dv_sum += tl.sum(tl.reshape(dv, (ROWS, LOOKUPS, BLOCK_C * BLOCK_W)), axis=1)
         dp_sum += tl.sum(tl.reshape(dp, (ROWS, LOOKUPS, BLOCK_P)), axis=1)
-    row = k * ROWS + tl.arange(0, ROWS)
-    touched = (row < T) & (tl.load(ROW_PTR + row + 1, mask=row < T, other=0) >
-                           tl.load(ROW_PTR + row, mask=row < T, other=0))
+    row = k * ROWS + tl.arange(0, ROWS)  # every row is written: zeros where nobody looked it up
+    in_table = row < T
     offs_f = tl.arange(0, BLOCK_C * BLOCK_W)  # [C, W] flattened: chunk c, element w
     c_f, w_f = offs_f // BLOCK_W, offs_f % BLOCK_W
     tl.store(GRAD + row[:, None] * D + D_P + (c_f * W + w_f)[None, :], dv_sum.to(GRAD.dtype.element_ty),
-             mask=touched[:, None] & ((c_f < C) & (w_f < W))[None, :])
+             mask=in_table[:, None] & ((c_f < C) & (w_f < W))[None, :])
     if HAS_P:
         tl.store(GRAD + row[:, None] * D + offs_p[None, :], dp_sum.to(GRAD.dtype.element_ty),
-                 mask=touched[:, None] & mask_p[None, :])
+                 mask=in_table[:, None] & mask_p[None, :])
 
 
 def mem_bwd_rows(
@@ -187,10 +187,10 @@ def mem_bwd_rows(
     h_BM: torch.Tensor,  # fp32 pre-activations ([B, 0] if D_p = 0)  [B, m]
     x_p_BP: torch.Tensor,  # pre-value input                         [B, D_p]
     do_BV: torch.Tensor,  # output gradient                          [B, D_v]
-    grad_TD: torch.Tensor,  # table gradient; touched rows are written, the others left as they are
+    grad_TD: torch.Tensor,  # table gradient, every row written (need not be zeroed first)
     act: str = "none",  # "none" or "gelu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K34. Writes the touched rows of grad_TD; returns (ds_BMC in the scores' dtype,
+    """K34. Writes every row of grad_TD; returns (ds_BMC in the scores' dtype,
     dz_BM = ∂L/∂h fp32; [B, 0] if D_p = 0). All tensors contiguous, on one device."""
     B, M, C = scores_BMC.shape
     P, V = x_p_BP.shape[1], do_BV.shape[1]
@@ -205,6 +205,8 @@ def mem_bwd_rows(
         _mem_bwd_rows_kernel[(triton.cdiv(T, dims["ROWS"]),)](
             table_TD, row_ptr, order_L, scores_BMC, h_BM if P else ds_BMC, x_p_BP, do_BV, grad_TD,
             ds_BMC, dz_BM if P else ds_BMC, T, M, **dims, GELU=act == "gelu")
+    else:
+        grad_TD.zero_()
     return ds_BMC, dz_BM
 
 

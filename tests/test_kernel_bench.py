@@ -12,11 +12,11 @@ def results(**sections):
     return {"environment": env, "seconds": {}, "skipped": ["select"], "errors": {"layer": "boom"}, **sections}
 
 
-LOOKUP = [  # one shape meeting both goals, one missing the backward's with its memset
+LOOKUP = [  # one shape missing the backward's goal, one meeting it
     {"row_bytes": 576, "m": 32, "tokens": 16384, "rows": 10**6, "fwd_ms": 0.12, "fwd_of_copy": 0.83,
-     "bwd_over_fwd": 5.1, "bwd_touched_over_fwd": 2.6},
+     "bwd_over_fwd": 5.1, "zero_fill_over_fwd": 2.6},
     {"row_bytes": 2048, "m": 32, "tokens": 16384, "rows": 10**6, "fwd_ms": 0.4, "fwd_of_copy": 0.9,
-     "bwd_over_fwd": 2.9, "bwd_touched_over_fwd": 2.5},
+     "bwd_over_fwd": 2.9, "zero_fill_over_fwd": 1.5},
     {"shape": (96, 192, 32, 65536, 10**8), "skipped": "out of memory"},
 ]
 TRAIN = [
@@ -35,15 +35,14 @@ def test_goals_are_read_from_every_section():
         train=TRAIN[:2], train_compiled=TRAIN[2:],
         curves={"steps": 300, "max_abs_gap": 0.03, "final": {"triton": 1.50, "torch": 1.51}}))}
     met = {name: g["met"] for name, g in goals.items()}
-    assert met["lookup bwd / fwd, 576 B rows, m 32, 16384 tokens (with memset)"] is False
-    assert met["lookup bwd / fwd, 576 B rows, m 32, 16384 tokens (touched rows only)"] is True
-    assert met["lookup bwd / fwd, 2048 B rows, m 32, 16384 tokens (with memset)"] is True
+    assert met["lookup bwd / fwd, 576 B rows, m 32, 16384 tokens"] is False
+    assert met["lookup bwd / fwd, 2048 B rows, m 32, 16384 tokens"] is True
     assert met["lookup fwd of copy bandwidth, 576 B rows, 16384 tokens, 1000000 rows"] is True
     assert met["layer fwd+bwd, triton over torch"] and not met["layer fwd+bwd, triton over torch+compile"]
     assert goals["training tokens/s, UltraMemV2 / dense (eager)"]["measured"] == 90_000 / 110_000
     assert not any("compiled" in name for name in goals), "no dense compiled row: no compiled ratio"
     assert met[next(n for n in goals if n.startswith("curves"))] is True
-    assert len(goals) == 9
+    assert len(goals) == 7
 
 
 def test_render_prints_goals_tables_and_failures():
@@ -53,7 +52,7 @@ def test_render_prints_goals_tables_and_failures():
     assert "errors: {'layer': 'boom'}" in text and "skipped: ['select']" in text
     assert "copy bandwidth 3.01 TB/s" in text and "out of memory" in text
     assert "training dense (iso-activated) (compiled True): RuntimeError: no" in text
-    assert "bwd_touched_over_fwd" in text.splitlines()[text.splitlines().index(
+    assert "zero_fill_over_fwd" in text.splitlines()[text.splitlines().index(
         "value lookup, bf16 rows (fp32 gradient)") + 1]
 
 
