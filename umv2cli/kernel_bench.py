@@ -339,12 +339,16 @@ def train_models(preset: str = "ultramemv2-227m") -> dict:
 
 def train_tokens_per_s(cfg, batch_size: int, seq_len: int, steps: int, warmup: int = 3, compile: bool = False) -> float:
     """Median tokens/s of training steps as `umv2 train` takes them (bf16 autocast, fp32 weights,
-    fused AdamW, the rank-1 refresh after each step), with the forward compiled or not."""
+    its optimizer and gradient clipping, the rank-1 refresh after each step), with the forward
+    compiled or not."""
+    from umv2cli.config import TrainConfig
     from umv2cli.model.transformer import build_model
+    from umv2cli.train import build_optimizer
 
     model = build_model(cfg, device="cuda")
     forward = torch.compile(model) if compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    train_cfg = TrainConfig()
+    optimizer = build_optimizer(model, train_cfg)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device="cuda")
     times = []
     for _ in range(warmup + steps):
@@ -354,6 +358,7 @@ def train_tokens_per_s(cfg, batch_size: int, seq_len: int, steps: int, warmup: i
             logits, aux = forward(x[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten()) + aux
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.refresh_rank1()
