@@ -124,9 +124,13 @@ class UltraMemV2(nn.Module):
         return self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM), scores_BMC  # step 7
 
     def scores(self, u_BH: torch.Tensor) -> torch.Tensor:
-        """Steps 1-3: per-side, per-rank scores S [B, 2, r, n] (eq. 6/10)."""
-        q_BSRD = self.normed_queries(self.w_q(u_BH), self.g_q_D)  # step 1
-        k_SRND = F.rms_norm(self.keys_SRND, (self.cfg.dk,), self.g_k_D, NORM_EPS)  # step 2
+        """Steps 1-3: per-side, per-rank scores S [B, 2, r, n] (eq. 6/10).
+
+        The query norm's weight is applied on the key side, <g_q ⊙ q̂, g_k ⊙ k̂> = <q̂, g_q ⊙ g_k ⊙ k̂>:
+        the same scores, with g_q's gradient summed over the 2·r·n keys instead of the B·2·r
+        queries (a reduction over every token, slower than the rest of the norm's backward)."""
+        q_BSRD = self.normed_queries(self.w_q(u_BH), None)  # step 1, q̂ (its weight g_q: below)
+        k_SRND = F.rms_norm(self.keys_SRND, (self.cfg.dk,), self.g_q_D * self.g_k_D, NORM_EPS)  # step 2
         return torch.einsum("bsrd,srnd->bsrn", q_BSRD, k_SRND)  # step 3
 
     def normed_queries(self, q_flat: torch.Tensor, g_D: torch.Tensor | None) -> torch.Tensor:
