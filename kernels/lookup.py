@@ -190,17 +190,21 @@ def mem_fwd(x_p_BP, table_TD, rows_BM, scores_BMC, act="none") -> tuple[torch.Te
     return o_BV, h_BM
 
 
-def mem_bwd(x_p_BP, table_TD, rows_BM, scores_BMC, h_BM, do_BV, act="none"):
+def mem_bwd(x_p_BP, table_TD, rows_BM, scores_BMC, h_BM, do_BV, act="none", grad_TD=None):
     """The backward of K2 from its saved inputs and the output gradient do [B, D_v]. Returns
     (dx_p_BP, dtable_TD, ds_BMC): dx_p and ds in x_p's and the scores' dtypes, dtable fp32 of the
-    table's shape."""
+    table's shape: `grad_TD` if given (a contiguous fp32 buffer, every row of it written), else new."""
     B, M, C, P, V = _check_lookup_args(x_p_BP, table_TD, rows_BM, scores_BMC, act)
     if tuple(do_BV.shape) != (B, V) or not do_BV.is_contiguous():
         raise ValueError(f"mem_bwd: do must be contiguous [B, D_v] = {(B, V)}, got {tuple(do_BV.shape)}")
     if P and (tuple(h_BM.shape) != (B, M) or h_BM.dtype != torch.float32 or not h_BM.is_contiguous()):
         raise ValueError(f"mem_bwd: h must be contiguous fp32 [B, m] = {(B, M)}")
     T = table_TD.shape[0]
-    grad_TD = torch.empty(T, P + V, dtype=torch.float32, device=do_BV.device)  # K34 writes every row
+    if grad_TD is None:
+        grad_TD = torch.empty(T, P + V, dtype=torch.float32, device=do_BV.device)  # K34 writes every row
+    elif grad_TD.shape != table_TD.shape or grad_TD.dtype != torch.float32 or not grad_TD.is_contiguous():
+        raise ValueError(f"mem_bwd: grad_TD must be contiguous fp32 {tuple(table_TD.shape)}, got "
+                         f"{grad_TD.dtype} {tuple(grad_TD.shape)}")
     sorted_L, order_L = sort_by_row(rows_BM, T)
     ds_BMC, dz_BM = mem_bwd_rows(table_TD, sorted_L, order_L, scores_BMC, h_BM, x_p_BP, do_BV, grad_TD, act)
     return mem_bwd_x(table_TD, rows_BM, dz_BM, torch.empty_like(x_p_BP)), grad_TD, ds_BMC
@@ -231,21 +235,22 @@ def _table_grad(dtable_TD, table_TD):
 
 
 class MemoryLookup(torch.autograd.Function):
-    """K2 forward; backward: sort by row, K34, the x_p pass (see above)."""
+    """K2 forward; backward: sort by row, K34, the x_p pass (see above). The table's gradient
+    goes into grad_TD where one is given."""
 
     @staticmethod
-    def forward(ctx, x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, act):
+    def forward(ctx, x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, act, grad_TD):
         o_BV, h_BM = mem_fwd(x_p_BP, _read(table_TD, read_TD), rows_BM, scores_BMC, act)
-        ctx.save_for_backward(x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM)
+        ctx.save_for_backward(x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM, grad_TD)
         ctx.act = act
         return o_BV
 
     @staticmethod
     def backward(ctx, do_BV):
-        x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM = ctx.saved_tensors
+        x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM, grad_TD = ctx.saved_tensors
         dx_BP, dtable_TD, ds_BMC = mem_bwd(x_p_BP, _read(table_TD, read_TD), rows_BM, scores_BMC, h_BM,
-                                           do_BV.contiguous(), ctx.act)
-        return dx_BP, _table_grad(dtable_TD, table_TD), None, None, ds_BMC, None
+                                           do_BV.contiguous(), ctx.act, grad_TD)
+        return dx_BP, _table_grad(dtable_TD, table_TD), None, None, ds_BMC, None, None
 
 
 @torch.library.custom_op("umv2::memory_lookup", mutates_args=())
@@ -304,6 +309,7 @@ def memory_lookup(
     impl: str = "auto",  # "auto" (Triton iff the table is on CUDA), "triton", "torch"
     *,
     read_dtype: torch.dtype | None = None,  # read the rows in this dtype (None: the table's)
+    grad_TD: torch.Tensor | None = None,  # Triton, eager: write the table's gradient here (fp32, every row)
 ) -> torch.Tensor:
     """The value lookup, o_BV [B, D_v] in the dtype the rows are read in; differentiable in x_p,
     table and scores. With `read_dtype` the table is read as a rounded copy (bf16 rows of an fp32
@@ -311,6 +317,9 @@ def memory_lookup(
     there (a straight-through cast, as mixed precision treats fp32 master weights).
 
     The Triton path makes x_p, rows and scores contiguous (small); the table must already be.
+    Eagerly it can write the table's gradient into a buffer of the caller's, `grad_TD`, and
+    return that buffer as the gradient (`umv2cli.model.ultramemv2.pool_windows` gives each layer
+    its rows of the pool's gradient this way); the references and torch.compile ignore it.
     """
     same = read_dtype in (None, table_TD.dtype)
     if resolve_impl(impl, table_TD, "memory_lookup") == "torch":
@@ -323,4 +332,4 @@ def memory_lookup(
     args = (x_p_BP.contiguous(), table_TD, read_TD, rows_BM.contiguous(), scores_BMC.contiguous(), act)
     if torch.compiler.is_compiling():
         return memory_lookup_op(*args)[0]
-    return MemoryLookup.apply(*args)
+    return MemoryLookup.apply(*args, grad_TD)

@@ -189,3 +189,10 @@ def test_interpreter_is_on_without_cuda():
         assert os.environ.get("TRITON_INTERPRET") == "1"
         assert type(lookup._mem_fwd_kernel).__name__ == "InterpretedFunction"
         assert type(value_grad._mem_bwd_rows_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.parametrize("shape,dtype", [((40, 6), torch.float32), ((40, 7), torch.bfloat16)])
+def test_backward_refuses_a_gradient_buffer_of_another_shape_or_dtype(shape, dtype):
+    x_p, table, rows_BM, scores, h, do = backward_inputs(4, 3, 2, 3, 4, 40)
+    with pytest.raises(ValueError, match="grad_TD must be contiguous fp32"):
+        lookup.mem_bwd(x_p, table, rows_BM, scores, h, do, "gelu", torch.empty(shape, dtype=dtype, device=DEVICE))

@@ -241,9 +241,63 @@ def test_pool_windows_give_each_layer_its_home_table_on_the_triton_path():
     layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
     n2 = cfg.knum**2
     windows = pool_windows(pool, layers)
-    assert [first for _, first in windows] == [0, n2, 2 * n2]
-    for l, (table, first) in enumerate(windows):  # views of the pool, so gradients flow to it
-        assert table.shape == (n2, pool.shape[1]) and table.data_ptr() == pool[first].data_ptr()
+    assert [w.first for w in windows] == [0, n2, 2 * n2]
+    for table, first, grad in windows:  # views of the pool, so gradients flow to it
+        assert table.shape == grad.shape == (n2, pool.shape[1]) and table.data_ptr() == pool[first].data_ptr()
+        assert grad._base is windows[0].grad_TD._base  # rows of one gradient buffer
+    with torch.no_grad():  # nothing to differentiate: no buffer
+        assert all(w.grad_TD is None for w in pool_windows(pool, layers))
     assert pool_windows(pool, make_layers(dataclasses.replace(cfg, kernels="torch"), n_layers=3)[0]) is None
     shared = dataclasses.replace(cfg, share_layers=2)
     assert pool_windows(new_value_pool(shared, 3), make_layers(shared, n_layers=3)[0]) is None
+
+
+def test_the_pool_gradient_is_the_buffer_the_lookups_wrote_not_a_concatenation():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from umv2cli.model.ultramemv2 import pool_windows
+
+    cfg = dataclasses.replace(TINY, kernels="triton")
+    layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
+    for layer in layers:
+        layer.to(DEVICE)
+    u = torch.randn(2, 3, 8, device=DEVICE)
+    windows = pool_windows(pool, layers)
+    buffer = windows[0].grad_TD.data_ptr()
+    loss = sum(layer(u, window=w)[0].square().sum() for layer, w in zip(layers[::-1], windows[::-1]))
+    del windows  # the buffer is the pool's gradient only if nothing else holds it
+
+    class PoolSizedResults(TorchDispatchMode):  # the ops whose result is as large as the pool
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == pool.numel():
+                self.names.append(func.__name__)
+            return out
+
+    with PoolSizedResults():
+        loss.backward()
+    assert pool.grad.data_ptr() == buffer
+    assert not any(n.startswith(("cat", "clone", "copy", "add")) for n in PoolSizedResults.names), PoolSizedResults.names
+    got = pool.grad.clone()
+    pool.grad = None
+    for layer in layers:
+        layer.cfg = dataclasses.replace(cfg, kernels="torch")
+    sum(layer(u)[0].square().sum() for layer in layers).backward()  # the whole pool, the references
+    torch.testing.assert_close(got, pool.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_table_no_layer_read_gets_a_zero_gradient():
+    from umv2cli.model.ultramemv2 import pool_windows
+
+    cfg = dataclasses.replace(TINY, kernels="triton")
+    layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
+    for layer in layers:
+        layer.to(DEVICE)
+    u = torch.randn(2, 3, 8, device=DEVICE)
+    windows = pool_windows(pool, layers)
+    layers[1](u, window=windows[1])[0].square().sum().backward()  # layers 0 and 2 do not run
+    n2 = cfg.knum**2
+    assert bool((pool.grad[:n2] == 0).all() and (pool.grad[2 * n2:] == 0).all())
+    assert pool.grad[n2:2 * n2].abs().sum() > 0

@@ -41,7 +41,7 @@ from torch import nn
 from umv2cli.kernels.lookup import memory_lookup
 from umv2cli.model.moe import MoE, Router
 from umv2cli.model.pkm import ProductKeyMemory
-from umv2cli.model.ultramemv2 import UltraMemV2
+from umv2cli.model.ultramemv2 import UltraMemV2, Window
 
 # B this process's tokens  G processes of the group  N the group's tokens G·B  M selected rows m
 # C cores  P pre-value columns of this process  V value columns of this process  T table rows
@@ -139,7 +139,7 @@ class ColumnShardedUltraMemV2(UltraMemV2):
     pre_TP: nn.Parameter | None
 
     def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor, *,
-               window: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+               window: Window | None = None) -> torch.Tensor:
         """Steps 8-9 for this process's B tokens → o [B, D_v]. In the tables' dtype, as the whole
         layer's lookup (autocast off: the partial pre-value dots must add up in fp32). `window` (the
         whole layer's per-layer view of the pool, `ultramemv2.pool_windows`) is not used: this

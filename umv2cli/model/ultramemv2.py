@@ -38,6 +38,7 @@ Paper vs official code (each difference has a switch):
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -84,8 +85,7 @@ class UltraMemV2(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward, steps 1-10
 
-    def forward(self, u: torch.Tensor, window: tuple[torch.Tensor, int] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u: torch.Tensor, window: "Window | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss).
         `window`: this layer's rows of the pool as their own tensor (see `pool_windows`)."""
         u_BH = u.reshape(-1, u.shape[-1])
@@ -96,21 +96,21 @@ class UltraMemV2(nn.Module):
         return y_BH.view(u.shape), u.new_zeros(())
 
     def lookup(self, x_p_BP: torch.Tensor, p_BM: torch.Tensor, scores_BMC: torch.Tensor, *,
-               window: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+               window: "Window | None" = None) -> torch.Tensor:
         """Steps 8-9 by `cfg.kernels` → o [B, D_v] in the scores' dtype (bf16 under autocast, the
-        one the reference's einsums give). `window` = (rows of the pool, index of its first row)
-        stands in for the whole pool, which the rows p_BM index.
+        one the reference's einsums give). `window` (rows of the pool, index of its first row,
+        where their gradient goes) stands in for the whole pool, which the rows p_BM index.
 
         Triton: the rows are read in the scores' dtype, so under autocast the kernels read bf16
         rows of the fp32 pool (half the bytes) and return the pool's gradient in fp32 for the
         optimizer; x_p and the scores go in as they are. References: x_p and the scores join the
         pool's dtype (fp32); without autocast every cast is a no-op."""
-        table_TD, first = window if window is not None else (self.pool_TD, 0)
+        table_TD, first, grad_TD = window if window is not None else (self.pool_TD, 0, None)
         rows_BM = p_BM - first if first else p_BM
         act = self.cfg.pre_value_act
         if resolve_impl(self.cfg.kernels, table_TD, "UltraMemV2") == "triton":
             return memory_lookup(x_p_BP, table_TD, rows_BM, scores_BMC, act, impl="triton",
-                                 read_dtype=scores_BMC.dtype)
+                                 read_dtype=scores_BMC.dtype, grad_TD=grad_TD)
         dtype = table_TD.dtype
         o_BV = memory_lookup(x_p_BP.to(dtype), table_TD, rows_BM, scores_BMC.to(dtype), act, impl="torch")
         return o_BV.to(scores_BMC.dtype)
@@ -215,16 +215,53 @@ class UltraMemV2(nn.Module):
         return g4**0.25, (top_KM * g4).pow(2).mean().item()
 
 
-def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[tuple[torch.Tensor, int]] | None:
-    """Each layer's home table as a tensor of its own, (rows, index of the first row), for
-    `UltraMemV2.forward(u, window=…)`; None where the layers must read the whole pool.
+class Window(NamedTuple):
+    """One layer's home table as a tensor of its own (`pool_windows`)."""
+
+    table_TD: torch.Tensor  # its rows of the pool [n², D_p + D_v]
+    first: int  # index of its first row in the pool
+    grad_TD: torch.Tensor | None  # its rows of the pool's gradient, for its lookup to write (or None)
+
+
+class SplitPool(torch.autograd.Function):
+    """The pool → its home tables (views of it); backward: the pool's gradient. When the tables'
+    gradients are, in order, the rows of one buffer of the pool's shape (their lookups wrote
+    them there), that buffer is the pool's gradient as it stands; otherwise they are
+    concatenated, as `torch.split`'s backward would."""
+
+    @staticmethod
+    def forward(ctx, pool_TD: torch.Tensor, n2: int):
+        ctx.n2, ctx.shape = n2, pool_TD.shape
+        return pool_TD.split(n2)
+
+    @staticmethod
+    def backward(ctx, *grads_TD):
+        whole_TD = grads_TD[0]._base if grads_TD[0] is not None else None
+        if (whole_TD is not None and whole_TD.shape == ctx.shape and whole_TD.is_contiguous()
+                and all(_is_rows_of(g, whole_TD, k * ctx.n2) for k, g in enumerate(grads_TD))):
+            return whole_TD, None
+        like = next(g for g in grads_TD if g is not None)  # a table no layer read gets zeros
+        return torch.cat([like.new_zeros(like.shape) if g is None else g for g in grads_TD]), None
+
+
+def _is_rows_of(part: torch.Tensor | None, whole: torch.Tensor, first: int) -> bool:
+    """Is `part` a view of the rows of `whole` that start at row `first`?"""
+    return (part is not None and part._base is whole and part.is_contiguous()
+            and part.storage_offset() - whole.storage_offset() == first * whole.stride(0))
+
+
+def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[Window] | None:
+    """Each layer's home table as a tensor of its own, for `UltraMemV2.forward(u, window=…)`;
+    None where the layers must read the whole pool.
 
     Without ring sharing (g = 1) a layer reads only its home table, so one split of the pool per
-    forward lets each layer's backward return the gradient of its n² rows; autograd then
-    assembles the pool's gradient once, by concatenation. Given the whole pool instead, every
-    layer returns a gradient of the whole pool and autograd adds L_m of them (L_m memsets and
-    L_m adds of the pool per step). Used with the Triton kernels; the references keep the
-    whole pool.
+    forward lets each layer's backward return the gradient of its n² rows (given the whole pool
+    instead, every layer would return a gradient of the whole pool and autograd would add L_m of
+    them). Eagerly, with the pool in fp32, the split also hands each layer its rows of one fresh
+    gradient buffer: the lookups write their tables' gradients there (every row, so the buffer
+    needs no memset) and it becomes the pool's gradient without the concatenation of L_m
+    gradients, a read and a write of the pool's whole gradient per step (`SplitPool`). Used
+    with the Triton kernels; the references keep the whole pool.
 
     The gradient stays dense (each window's untouched rows are zeros) for plain AdamW, which
     moves every row every step (weight decay, and the momentum of rows touched before): a
@@ -235,8 +272,14 @@ def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[tuple[
     if cfg.share_layers != 1 or resolve_impl(cfg.kernels, pool_TD, "UltraMemV2") != "triton":
         return None
     n2 = cfg.knum**2
-    tables = pool_TD.split(n2)
-    return [(tables[layer.home], layer.home * n2) for layer in layers]
+    writes_grad = (pool_TD.requires_grad and torch.is_grad_enabled() and pool_TD.dtype == torch.float32
+                   and not torch.compiler.is_compiling())
+    if not writes_grad:
+        tables = pool_TD.split(n2)
+        return [Window(tables[layer.home], layer.home * n2, None) for layer in layers]
+    tables, grad_TD = SplitPool.apply(pool_TD, n2), torch.empty_like(pool_TD)
+    grads = grad_TD.split(n2)
+    return [Window(tables[layer.home], layer.home * n2, grads[layer.home]) for layer in layers]
 
 
 @torch.no_grad()
