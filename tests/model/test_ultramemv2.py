@@ -252,17 +252,21 @@ def test_pool_windows_give_each_layer_its_home_table_on_the_triton_path():
     assert pool_windows(new_value_pool(shared, 3), make_layers(shared, n_layers=3)[0]) is None
 
 
-def test_the_pool_gradient_is_the_buffer_the_lookups_wrote_not_a_concatenation():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def three_windowed_layers():
+    """Three layers on the Triton path, their shared pool, an input, and `pool_windows`'s windows."""
     from umv2cli.model.ultramemv2 import pool_windows
 
     cfg = dataclasses.replace(TINY, kernels="triton")
     layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
     for layer in layers:
         layer.to(DEVICE)
-    u = torch.randn(2, 3, 8, device=DEVICE)
-    windows = pool_windows(pool, layers)
+    return cfg, layers, pool, torch.randn(2, 3, 8, device=DEVICE), pool_windows(pool, layers)
+
+
+def test_the_pool_gradient_is_the_buffer_the_lookups_wrote_not_a_concatenation():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg, layers, pool, u, windows = three_windowed_layers()
     buffer = windows[0].grad_TD.data_ptr()
     loss = sum(layer(u, window=w)[0].square().sum() for layer, w in zip(layers[::-1], windows[::-1]))
     del windows  # the buffer is the pool's gradient only if nothing else holds it
@@ -289,14 +293,7 @@ def test_the_pool_gradient_is_the_buffer_the_lookups_wrote_not_a_concatenation()
 
 
 def test_a_table_no_layer_read_gets_a_zero_gradient():
-    from umv2cli.model.ultramemv2 import pool_windows
-
-    cfg = dataclasses.replace(TINY, kernels="triton")
-    layers, pool = make_layers(cfg, n_layers=3, dtype=torch.float32)
-    for layer in layers:
-        layer.to(DEVICE)
-    u = torch.randn(2, 3, 8, device=DEVICE)
-    windows = pool_windows(pool, layers)
+    cfg, layers, pool, u, windows = three_windowed_layers()
     layers[1](u, window=windows[1])[0].square().sum().backward()  # layers 0 and 2 do not run
     n2 = cfg.knum**2
     assert bool((pool.grad[:n2] == 0).all() and (pool.grad[2 * n2:] == 0).all())
