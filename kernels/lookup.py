@@ -17,6 +17,8 @@ than it is kept in (`read_dtype`: bf16 rows of an fp32 table, whose fp32 copy th
 updates), which halves those bytes; its gradient keeps the table's dtype.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -236,18 +238,19 @@ def _table_grad(dtable_TD, table_TD):
 
 class MemoryLookup(torch.autograd.Function):
     """K2 forward; backward: sort by row, K34, the x_p pass (see above). The table's gradient
-    goes into grad_TD where one is given."""
+    goes into the buffer `grad_rows()` gives, where there is one."""
 
     @staticmethod
-    def forward(ctx, x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, act, grad_TD):
+    def forward(ctx, x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, act, grad_rows):
         o_BV, h_BM = mem_fwd(x_p_BP, _read(table_TD, read_TD), rows_BM, scores_BMC, act)
-        ctx.save_for_backward(x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM, grad_TD)
-        ctx.act = act
+        ctx.save_for_backward(x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM)
+        ctx.act, ctx.grad_rows = act, grad_rows
         return o_BV
 
     @staticmethod
     def backward(ctx, do_BV):
-        x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM, grad_TD = ctx.saved_tensors
+        x_p_BP, table_TD, read_TD, rows_BM, scores_BMC, h_BM = ctx.saved_tensors
+        grad_TD = ctx.grad_rows() if ctx.grad_rows else None
         dx_BP, dtable_TD, ds_BMC = mem_bwd(x_p_BP, _read(table_TD, read_TD), rows_BM, scores_BMC, h_BM,
                                            do_BV.contiguous(), ctx.act, grad_TD)
         return dx_BP, _table_grad(dtable_TD, table_TD), None, None, ds_BMC, None, None
@@ -309,7 +312,7 @@ def memory_lookup(
     impl: str = "auto",  # "auto" (Triton iff the table is on CUDA), "triton", "torch"
     *,
     read_dtype: torch.dtype | None = None,  # read the rows in this dtype (None: the table's)
-    grad_TD: torch.Tensor | None = None,  # Triton, eager: write the table's gradient here (fp32, every row)
+    grad_rows: Callable[[], torch.Tensor] | None = None,  # Triton, eager: where the table's gradient goes
 ) -> torch.Tensor:
     """The value lookup, o_BV [B, D_v] in the dtype the rows are read in; differentiable in x_p,
     table and scores. With `read_dtype` the table is read as a rounded copy (bf16 rows of an fp32
@@ -317,7 +320,8 @@ def memory_lookup(
     there (a straight-through cast, as mixed precision treats fp32 master weights).
 
     The Triton path makes x_p, rows and scores contiguous (small); the table must already be.
-    Eagerly it can write the table's gradient into a buffer of the caller's, `grad_TD`, and
+    Eagerly it can write the table's gradient into a buffer of the caller's, which `grad_rows()`
+    gives when the backward runs (contiguous fp32 of the table's shape; every row is written), and
     return that buffer as the gradient (`umv2cli.model.ultramemv2.pool_windows` gives each layer
     its rows of the pool's gradient this way); the references and torch.compile ignore it.
     """
@@ -332,4 +336,4 @@ def memory_lookup(
     args = (x_p_BP.contiguous(), table_TD, read_TD, rows_BM.contiguous(), scores_BMC.contiguous(), act)
     if torch.compiler.is_compiling():
         return memory_lookup_op(*args)[0]
-    return MemoryLookup.apply(*args, grad_TD)
+    return MemoryLookup.apply(*args, grad_rows)

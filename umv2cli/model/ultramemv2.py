@@ -37,7 +37,9 @@ Paper vs official code (each difference has a switch):
 - init: App. A (`init = "paper"`, see `reset_parameters`) or the code's constants (`"official"`).
 """
 
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -105,12 +107,12 @@ class UltraMemV2(nn.Module):
         rows of the fp32 pool (half the bytes) and return the pool's gradient in fp32 for the
         optimizer; x_p and the scores go in as they are. References: x_p and the scores join the
         pool's dtype (fp32); without autocast every cast is a no-op."""
-        table_TD, first, grad_TD = window if window is not None else (self.pool_TD, 0, None)
+        table_TD, first, grad_rows = window if window is not None else (self.pool_TD, 0, None)
         rows_BM = p_BM - first if first else p_BM
         act = self.cfg.pre_value_act
         if resolve_impl(self.cfg.kernels, table_TD, "UltraMemV2") == "triton":
             return memory_lookup(x_p_BP, table_TD, rows_BM, scores_BMC, act, impl="triton",
-                                 read_dtype=scores_BMC.dtype, grad_TD=grad_TD)
+                                 read_dtype=scores_BMC.dtype, grad_rows=grad_rows)
         dtype = table_TD.dtype
         o_BV = memory_lookup(x_p_BP.to(dtype), table_TD, rows_BM, scores_BMC.to(dtype), act, impl="torch")
         return o_BV.to(scores_BMC.dtype)
@@ -220,7 +222,27 @@ class Window(NamedTuple):
 
     table_TD: torch.Tensor  # its rows of the pool [n², D_p + D_v]
     first: int  # index of its first row in the pool
-    grad_TD: torch.Tensor | None  # its rows of the pool's gradient, for its lookup to write (or None)
+    grad_rows: Callable[[], torch.Tensor] | None  # its rows of the pool's gradient, for its lookup to write
+
+
+class PoolGradient:
+    """The pool's gradient as one buffer, made when the first layer's backward asks for its rows
+    (made at the forward, it would add to the activations' peak). It lets go of the buffer once
+    every layer has its rows, so that only they hold it and autograd can take it as the pool's
+    .grad without a copy (`SplitPool`)."""
+
+    def __init__(self, pool_TD: torch.Tensor, n2: int, layers: int):
+        self.pool_TD, self.n2, self.waiting = pool_TD, n2, layers
+        self.buffer_TD: torch.Tensor | None = None
+
+    def rows(self, home: int) -> torch.Tensor:
+        """Table `home`'s rows of the buffer [n², D_p + D_v], for one layer's backward."""
+        if self.buffer_TD is None:
+            self.buffer_TD = torch.empty_like(self.pool_TD, memory_format=torch.contiguous_format)
+        rows_TD, self.waiting = self.buffer_TD[home * self.n2 : (home + 1) * self.n2], self.waiting - 1
+        if self.waiting == 0:
+            self.buffer_TD = None
+        return rows_TD
 
 
 class SplitPool(torch.autograd.Function):
@@ -257,8 +279,8 @@ def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[Window
     Without ring sharing (g = 1) a layer reads only its home table, so one split of the pool per
     forward lets each layer's backward return the gradient of its n² rows (given the whole pool
     instead, every layer would return a gradient of the whole pool and autograd would add L_m of
-    them). Eagerly, with the pool in fp32, the split also hands each layer its rows of one fresh
-    gradient buffer: the lookups write their tables' gradients there (every row, so the buffer
+    them). Eagerly, with the pool in fp32, each layer also gets its rows of one gradient buffer
+    (`PoolGradient`): the lookups write their tables' gradients there (every row, so the buffer
     needs no memset) and it becomes the pool's gradient without the concatenation of L_m
     gradients, a read and a write of the pool's whole gradient per step (`SplitPool`). Used
     with the Triton kernels; the references keep the whole pool.
@@ -277,9 +299,8 @@ def pool_windows(pool_TD: nn.Parameter, layers: list[UltraMemV2]) -> list[Window
     if not writes_grad:
         tables = pool_TD.split(n2)
         return [Window(tables[layer.home], layer.home * n2, None) for layer in layers]
-    tables, grad_TD = SplitPool.apply(pool_TD, n2), torch.empty_like(pool_TD)
-    grads = grad_TD.split(n2)
-    return [Window(tables[layer.home], layer.home * n2, grads[layer.home]) for layer in layers]
+    tables, grad = SplitPool.apply(pool_TD, n2), PoolGradient(pool_TD, n2, len(layers))
+    return [Window(tables[layer.home], layer.home * n2, functools.partial(grad.rows, layer.home)) for layer in layers]
 
 
 @torch.no_grad()
