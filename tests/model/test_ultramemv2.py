@@ -32,9 +32,10 @@ def make_layers(cfg, d_model=8, n_layers=1, scheme="paper", seed=0, dtype=torch.
 
 
 def reference_layer(layer: UltraMemV2, u_BH: torch.Tensor) -> torch.Tensor:
-    """Paper-notes §1.3 token by token, scoring all N² cells (valid when k_rc = N)."""
+    """Steps 1-10 of the layer (its module's docstring; paper §3) token by token, scoring all n²
+    grid cells (valid when k_rc = n)."""
     cfg = layer.cfg
-    R, D, N, C = cfg.rank, cfg.dk, cfg.keys_per_side, cfg.cores
+    R, D, C = cfg.rank, cfg.dk, cfg.cores
     out = []
     for u in u_BH:
         q = layer.w_q.weight @ u
