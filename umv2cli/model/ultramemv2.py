@@ -131,16 +131,17 @@ class UltraMemV2(nn.Module):
         The query norm's weight is applied on the key side, <g_q ⊙ q̂, g_k ⊙ k̂> = <q̂, g_q ⊙ g_k ⊙ k̂>:
         the same scores, with g_q's gradient summed over the 2·r·n keys instead of the B·2·r
         queries (a reduction over every token, slower than the rest of the norm's backward)."""
-        q_BSRD = self.normed_queries(self.w_q(u_BH), None)  # step 1, q̂ (its weight g_q: below)
+        q_BSRD = self.normed_queries(self.w_q(u_BH))  # step 1, q̂ (its weight g_q: below)
         k_SRND = F.rms_norm(self.keys_SRND, (self.cfg.dk,), self.g_q_D * self.g_k_D, NORM_EPS)  # step 2
         return torch.einsum("bsrd,srnd->bsrn", q_BSRD, k_SRND)  # step 3
 
-    def normed_queries(self, q_flat: torch.Tensor, g_D: torch.Tensor | None) -> torch.Tensor:
-        """[B, 2·slots·D] → RMS-normed [B, 2, r, D]; a shared rank query is repeated over ranks.
-        The norm runs in the weights' dtype (fp32 under bf16 autocast), which steadies top-k."""
+    def normed_queries(self, q_flat: torch.Tensor) -> torch.Tensor:
+        """[B, 2·slots·D] → RMS-normed [B, 2, r, D] without a weight (`scores` applies g_q on the
+        key side); a shared rank query is repeated over ranks. The norm runs in the weights'
+        dtype (fp32 under bf16 autocast), which steadies top-k."""
         B, R, D = q_flat.shape[0], self.cfg.rank, self.cfg.dk
         q_BSRD = q_flat.to(self.g_q_D.dtype).view(B, 2, -1, D).expand(B, 2, R, D)
-        return F.rms_norm(q_BSRD, (D,), g_D, NORM_EPS)
+        return F.rms_norm(q_BSRD, (D,), None, NORM_EPS)
 
     def physical_rows(self, cell_BM: torch.Tensor) -> torch.Tensor:
         """Step 7 (eq. 8): virtual grid cell → shuffled slot → row of this layer's pool window."""
@@ -206,7 +207,7 @@ class UltraMemV2(nn.Module):
         gen = torch.Generator().manual_seed(0)
         D = self.cfg.dk
         q_flat = torch.randn(samples, self.w_q.out_features, generator=gen).to(self.keys_SRND)
-        q_KSRD = self.normed_queries(q_flat, None)
+        q_KSRD = self.normed_queries(q_flat)
         k_SRND = F.rms_norm(self.keys_SRND, (D,), None, NORM_EPS)
         s_KSRN = torch.einsum("ksrd,srnd->ksrn", q_KSRD, k_SRND)
         _, _, scores_KMC = select_topm_reference(
