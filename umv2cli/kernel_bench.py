@@ -225,14 +225,9 @@ def one_memory_layer(preset: str, kernels: str) -> torch.nn.Module:
 LAYER_PATHS = ("triton", "triton+compile", "torch", "torch+compile")
 
 
-def layer_path_ms(preset: str, tokens: int, name: str) -> dict:
-    """One path of `bench_layer` (kernels, then "+compile" or nothing): its forward and
-    forward+backward times, or the error it raised. The layer is freed on return."""
-    kernels, _, how = name.partition("+")
-    layer = one_memory_layer(preset, kernels)
-    torch._dynamo.reset()
-    fn = torch.compile(layer) if how else layer
-    u = torch.randn(1, tokens, layer.w_q.in_features, device="cuda", requires_grad=True)
+def autocast_steps(layer: torch.nn.Module, fn, u: torch.Tensor):
+    """The two steps timed of a layer under bf16 autocast: `fn(u)` (the layer, or its
+    torch.compile) forward, and forward+backward of a mean-square loss from cleared gradients."""
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -242,6 +237,18 @@ def layer_path_ms(preset: str, tokens: int, name: str) -> dict:
         layer.zero_grad(set_to_none=True)
         forward().float().square().mean().backward()
 
+    return forward, forward_backward
+
+
+def layer_path_ms(preset: str, tokens: int, name: str) -> dict:
+    """One path of `bench_layer` (kernels, then "+compile" or nothing): its forward and
+    forward+backward times, or the error it raised. The layer is freed on return."""
+    kernels, _, how = name.partition("+")
+    layer = one_memory_layer(preset, kernels)
+    torch._dynamo.reset()
+    fn = torch.compile(layer) if how else layer
+    u = torch.randn(1, tokens, layer.w_q.in_features, device="cuda", requires_grad=True)
+    forward, forward_backward = autocast_steps(layer, fn, u)
     try:
         forward_backward()  # compiles, where it does
         return {"path": name, "tokens": tokens, "fwd_ms": _bench_ms(forward),
@@ -302,15 +309,7 @@ def bench_moe_layer(preset: str = "olmoe-227m", tokens: int = 16384) -> list[dic
         fp32_out, fp32_grad = differences(output_and_grads(layer, False), loop[False])
         got = output_and_grads(layer, True)
         bf16_out, bf16_grad = differences(got, loop[True])
-
-        def forward():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return layer(u)[0]
-
-        def forward_backward():
-            layer.zero_grad(set_to_none=True)
-            forward().float().square().mean().backward()
-
+        forward, forward_backward = autocast_steps(layer, layer, u)
         rows.append({"path": name, "tokens": tokens, "fwd_ms": _bench_ms(forward), "fb_ms": _bench_ms(forward_backward),
                      "fp32_out_vs_loop": fp32_out, "fp32_grad_vs_loop": fp32_grad,
                      "bf16_out_vs_loop": bf16_out, "bf16_grad_vs_loop": bf16_grad,
