@@ -36,7 +36,7 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 SM_REGISTERS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 233472, 64, 32  # per SM of an H100
 # pointer arguments and their element types (bf16 rows, scores and activations; fp32 gradient and h)
 POINTERS = {"TABLE": "bf16", "X_P": "bf16", "S": "bf16", "O": "bf16", "DO": "bf16", "DS": "bf16", "DX_P": "bf16",
-            "H": "fp32", "GRAD": "fp32", "DZ": "fp32", "ROWS": "i64", "ROW_PTR": "i32", "SORTED": "i32", "ORDER": "i32"}
+            "H": "fp32", "GRAD": "fp32", "DZ": "fp32", "ROWS": "i64", "ROW_PTR": "i32", "ORDER": "i32"}
 # (D_p, D_v, m, lookups B·m, table rows T): the ultramemv2-227m layer's table (768 B rows), and
 # 576 B rows over 10⁶
 SHAPES = [(192, 192, 32, 16384 * 32, 129600), (96, 192, 32, 16384 * 32, 10**6)]
