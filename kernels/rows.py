@@ -8,7 +8,8 @@ T·(D_p + D_v) can exceed 2³¹; loads widen to fp32, where every kernel accumul
 the activations and the scores may each come in their own float dtype.
 
 The kernels load a tile of lookups at a time, ``[J, C, W]`` values and ``[J, D_p]`` pre-values:
-J rows in flight per program is what keeps short rows (576 B in bf16) near copy bandwidth.
+J rows in flight per program, and many one-warp programs per SM, keep short rows (576 B in
+bf16) near copy bandwidth.
 """
 
 import triton
@@ -16,14 +17,14 @@ import triton.language as tl
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/√2 (constexpr: jit code reads no plain globals)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
-TILE_ELEMENTS = 4096
+TILE_ELEMENTS = 1024
 """fp32 elements of one [J, C, W] tile: 32 registers a thread at NUM_WARPS warps."""
-NUM_WARPS = 4
-"""Warps per program of every lookup kernel. Measured on an H100 (bf16 rows of 576 and 768 B,
-m = 32, 16k tokens, scripts/tune_lookup_launch.py): 16 lookups a tile at 4 warps took 1.8× less
-time than the old defaults in the forward (8 lookups at 4 warps), 1.85× less in the row-major
-backward at a 768 B-row table (16 at 8 warps) and 1.9× less in the x_p pass at D_p = 192 (8 at
-4 warps); 8 warps was slower at every tile size tried."""
+NUM_WARPS = 1
+"""Warps per program of the forward (K2) and the x_p pass: one token per one-warp program, so
+every sum over its lookups stays within the warp. Measured on an H100 (bf16 rows, m = 32,
+BENCHMARKS.md run 5): 4 lookups a tile at one warp took 0.139 ms at 576 B rows over 10⁶ rows and
+0.133 ms at ultramemv2-227m's table (768 B rows), against 0.343 and 0.367 ms at the former 16
+lookups and 4 warps; 2, 4 and 8 warps were slower at every tile size tried."""
 
 
 @triton.jit

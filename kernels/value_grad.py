@@ -15,14 +15,13 @@ ds and dz need V[p_ℓ], which is the row the table gradient is summed for: so o
 lookups in row order (`sort_by_row`, stable: ascending ℓ within a row) computes all of them, and
 the rows are gathered once for the whole backward (K3 and K4 used to gather them twice).
 
-Each program takes ROWS consecutive table rows and walks their lookups in sorted order, LOOKUPS
-of each row at a time (`row_ptr[p]` .. `row_ptr[p + 1]`, from a `searchsorted` of the sorted
-ids): it gathers each lookup's s, h, do and x_p (the row's V is the same for all of them), stores
-ds and dz per lookup, and adds the contributions of each row with a plain sum over its lookups.
-Every row is summed by one program, in ascending ℓ chunks of LOOKUPS (a fixed tree within a
-chunk), with no atomics: the gradient is the same bit for bit on every call. Unlike a tile of
-sorted positions, no row crosses a program, so there is no segmented scan and no walk into the
-next tile; the price is idle lanes where a row has fewer lookups than LOOKUPS.
+Each one-warp program takes one table row and walks its lookups in sorted order, one at a time
+(`row_ptr[p]` .. `row_ptr[p + 1]`, from a `searchsorted` of the sorted ids): it gathers each
+lookup's s, h, do and x_p (the row's V is the same for all of them), stores ds and dz, and adds
+the lookup's contribution to the row's sums. Every row is summed by one program in ascending ℓ,
+with no atomics: the gradient is the same bit for bit on every call. No row crosses a program,
+so there is no segmented scan. (On an H100 this took less time than programs of 2-16 rows or
+2-8 lookups a step, and than 2 or 4 warps, at every shape measured: BENCHMARKS.md, run 5.)
 
 Bytes: reads U·D_v table elements (U touched rows), and per lookup D_v (do) + D_p (x_p) + C + 3
 scalars, mostly from L2 (the B tokens' activations are small); writes all T·(D_p + D_v) gradient
@@ -76,41 +75,37 @@ def value_grad_reference(
 
 
 @triton.jit
-def _tile_grads(
-    v,  # the V rows of the tile's lookups, fp32 [TILE or 1, BLOCK_C, BLOCK_W]
-    ell,  # lookup ids ℓ, int64 [TILE]
-    valid,  # which of them to compute [TILE]
+def _lookup_grads(
+    v,  # the row's value V[p], fp32 [BLOCK_C, BLOCK_W]
+    ell,  # the lookup ℓ = t·m + j, int64 scalar
     S, H, X_P, DO,  # pointers as in the kernel below
     M, D_P, D_V, C,
     offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
-    HAS_P: tl.constexpr, GELU: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_P: tl.constexpr, GELU: tl.constexpr,
 ):
-    """Per lookup of a tile: the contributions to dV [TILE, BLOCK_C, BLOCK_W] and to dP
-    [TILE, BLOCK_P], ds [TILE, BLOCK_C] and dz [TILE] (zeros where not valid)."""
+    """One lookup's contributions to dV [BLOCK_C, BLOCK_W] and to dP [BLOCK_P], its ds [BLOCK_C]
+    and dz (a scalar; 0 when D_p = 0)."""
     t = ell // M
-    s = tl.load(S + ell[:, None] * C + offs_c[None, :], mask=valid[:, None] & mask_c[None, :],
-                other=0.0).to(tl.float32)
-    do = tl.load(DO + t[:, None, None] * D_V + offs_cw[None, :, :],
-                 mask=valid[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
-    dw = tl.sum(v * do, axis=2)  # dw_{ℓ,c} = <V[p_ℓ, chunk c], do[t, chunk c]>
+    s = tl.load(S + ell * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    do = tl.load(DO + t * D_V + offs_cw, mask=mask_cw, other=0.0).to(tl.float32)
+    dw = tl.sum(v * do, axis=1)  # dw_{ℓ,c} = <V[p_ℓ, chunk c], do[t, chunk c]>
     if HAS_P:
-        h = tl.load(H + ell, mask=valid, other=0.0)
+        h = tl.load(H + ell)
         if GELU:
             z = gelu(h)
-            dz = gelu_grad(h) * tl.sum(s * dw, axis=1)
+            dz = gelu_grad(h) * tl.sum(s * dw, axis=0)
         else:
             z = h
-            dz = tl.sum(s * dw, axis=1)
-        x = tl.load(X_P + t[:, None] * D_P + offs_p[None, :], mask=valid[:, None] & mask_p[None, :],
-                    other=0.0).to(tl.float32)
-        dp = dz[:, None] * x  # dz_ℓ x_p[t]
-        ds = z[:, None] * dw
-        s = s * z[:, None]
+            dz = tl.sum(s * dw, axis=0)
+        x = tl.load(X_P + t * D_P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        dp = dz * x  # dz_ℓ x_p[t]
+        ds = z * dw
+        s = s * z
     else:
-        dz = tl.sum(dw, axis=1) * 0.0
-        dp = tl.zeros((TILE, BLOCK_P), dtype=tl.float32)
+        dz = 0.0
+        dp = tl.zeros_like(offs_p).to(tl.float32)
         ds = dw
-    return s[:, :, None] * do, dp, ds, dz  # s_{ℓ,c} z_ℓ do[t, chunk c]
+    return s[:, None] * do, dp, ds, dz  # s_{ℓ,c} z_ℓ do[t, chunk c]
 
 
 @triton.jit
@@ -125,7 +120,6 @@ def _mem_bwd_rows_kernel(
     GRAD,  # pointer to the table gradient [T, D_p + D_v]: every row is written
     DS,  # pointer to ds [B·m, C]
     DZ,  # pointer to dz = ∂L/∂h (fp32) [B·m]; unused when not HAS_P
-    T,  # table rows
     M,  # m, lookups per token
     D_P,  # pre-value dim
     D_V,  # value dim
@@ -133,50 +127,31 @@ def _mem_bwd_rows_kernel(
     C,  # cores
     HAS_P: tl.constexpr,  # D_p > 0
     GELU: tl.constexpr,  # act = exact GELU (else identity)
-    ROWS: tl.constexpr,  # table rows per program, a power of two
-    LOOKUPS: tl.constexpr,  # lookups of each row per step, a power of two
     BLOCK_P: tl.constexpr,  # power of two ≥ D_p
     BLOCK_C: tl.constexpr,  # power of two ≥ C
     BLOCK_W: tl.constexpr,  # power of two ≥ W
 ):
-    k = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64)  # one table row
     D = D_P + D_V
     offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw = row_tile(D_P, W, C, BLOCK_P, BLOCK_C, BLOCK_W)
-    # slot i = (row r, lookup j) of the program: r = i // LOOKUPS, j = i % LOOKUPS
-    offs_i = tl.arange(0, ROWS * LOOKUPS)
-    row_i = k * ROWS + offs_i // LOOKUPS
-    j_i = offs_i % LOOKUPS
-    in_table = row_i < T
-    start_i = tl.load(ROW_PTR + row_i, mask=in_table, other=0)
-    end_i = tl.load(ROW_PTR + row_i + 1, mask=in_table, other=0)
-    touched_i = end_i > start_i
-    v = tl.load(TABLE + row_i[:, None, None] * D + D_P + offs_cw[None, :, :],  # read U·D_v
-                mask=touched_i[:, None, None] & mask_cw[None, :, :], other=0.0).to(tl.float32)
-    dv_sum = tl.zeros((ROWS, BLOCK_C * BLOCK_W), dtype=tl.float32)
-    dp_sum = tl.zeros((ROWS, BLOCK_P), dtype=tl.float32)
-    for j0 in range(0, tl.max(end_i - start_i, axis=0), LOOKUPS):
-        pos = start_i + j0 + j_i
-        valid = pos < end_i
-        ell = tl.load(ORDER + pos, mask=valid, other=0).to(tl.int64)
-        dv, dp, ds, dz = _tile_grads(v, ell, valid, S, H, X_P, DO, M, D_P, D_V, C,
-                                     offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw,
-                                     HAS_P, GELU, ROWS * LOOKUPS, BLOCK_P)
-        tl.store(DS + ell[:, None] * C + offs_c[None, :], ds.to(DS.dtype.element_ty),
-                 mask=valid[:, None] & mask_c[None, :])
+    start = tl.load(ROW_PTR + p)
+    end = tl.load(ROW_PTR + p + 1)
+    v = tl.load(TABLE + p * D + D_P + offs_cw, mask=mask_cw & (end > start), other=0.0).to(tl.float32)  # read U·D_v
+    dv_sum = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    dp_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for pos in range(start, end):  # the row's lookups in ascending ℓ
+        ell = tl.load(ORDER + pos).to(tl.int64)
+        dv, dp, ds, dz = _lookup_grads(v, ell, S, H, X_P, DO, M, D_P, D_V, C,
+                                       offs_p, mask_p, offs_c, mask_c, offs_cw, mask_cw, HAS_P, GELU)
+        tl.store(DS + ell * C + offs_c, ds.to(DS.dtype.element_ty), mask=mask_c)
         if HAS_P:
-            tl.store(DZ + ell, dz, mask=valid)
-        # each row's sum over its LOOKUPS lookups of this step
-        dv_sum += tl.sum(tl.reshape(dv, (ROWS, LOOKUPS, BLOCK_C * BLOCK_W)), axis=1)
-        dp_sum += tl.sum(tl.reshape(dp, (ROWS, LOOKUPS, BLOCK_P)), axis=1)
-    row = k * ROWS + tl.arange(0, ROWS)  # every row is written: zeros where nobody looked it up
-    in_table = row < T
-    offs_f = tl.arange(0, BLOCK_C * BLOCK_W)  # [C, W] flattened: chunk c, element w
-    c_f, w_f = offs_f // BLOCK_W, offs_f % BLOCK_W
-    tl.store(GRAD + row[:, None] * D + D_P + (c_f * W + w_f)[None, :], dv_sum.to(GRAD.dtype.element_ty),
-             mask=in_table[:, None] & ((c_f < C) & (w_f < W))[None, :])
+            tl.store(DZ + ell, dz)
+        dv_sum += dv
+        dp_sum += dp
+    # every row is written: zeros where nobody looked it up
+    tl.store(GRAD + p * D + D_P + offs_cw, dv_sum.to(GRAD.dtype.element_ty), mask=mask_cw)
     if HAS_P:
-        tl.store(GRAD + row[:, None] * D + offs_p[None, :], dp_sum.to(GRAD.dtype.element_ty),
-                 mask=in_table[:, None] & mask_p[None, :])
+        tl.store(GRAD + p * D + offs_p, dp_sum.to(GRAD.dtype.element_ty), mask=mask_p)
 
 
 def mem_bwd_rows(
@@ -201,20 +176,15 @@ def mem_bwd_rows(
     if L:
         row_ptr = torch.searchsorted(sorted_L, torch.arange(T + 1, dtype=torch.int32, device=sorted_L.device),
                                      out_int32=True)  # row p's lookups: positions row_ptr[p] .. row_ptr[p + 1]
-        dims = rows_launch_dims(C, P, V, L / T)
-        _mem_bwd_rows_kernel[(triton.cdiv(T, dims["ROWS"]),)](
+        _mem_bwd_rows_kernel[(T,)](
             table_TD, row_ptr, order_L, scores_BMC, h_BM if P else ds_BMC, x_p_BP, do_BV, grad_TD,
-            ds_BMC, dz_BM if P else ds_BMC, T, M, **dims, GELU=act == "gelu")
+            ds_BMC, dz_BM if P else ds_BMC, M, **rows_launch_dims(C, P, V), GELU=act == "gelu")
     else:
         grad_TD.zero_()
     return ds_BMC, dz_BM
 
 
-def rows_launch_dims(C: int, P: int, V: int, lookups_per_row: float) -> dict:
-    """K34's launch: a one-warp program of ROWS × LOOKUPS slots (at most 4, fewer for wide rows),
-    LOOKUPS about the mean lookups per table row."""
+def rows_launch_dims(C: int, P: int, V: int) -> dict:
+    """K34's launch arguments: sizes, D_p > 0, power-of-two blocks, one warp a program."""
     dims = launch_dims(C, P, V)
-    slots = max(1, min(4, 1024 // (dims["BLOCK_C"] * dims["BLOCK_W"])))
-    lookups = min(slots, triton.next_power_of_2(max(1, round(lookups_per_row))))
-    return {k: dims[k] for k in ("D_P", "D_V", "W", "C", "HAS_P", "BLOCK_P", "BLOCK_C", "BLOCK_W")} | dict(
-        ROWS=slots // lookups, LOOKUPS=lookups, num_warps=1)
+    return {k: dims[k] for k in ("D_P", "D_V", "W", "C", "HAS_P", "BLOCK_P", "BLOCK_C", "BLOCK_W")} | dict(num_warps=1)

@@ -19,16 +19,17 @@ import umv2cli  # noqa: E402
 
 umv2cli.__path__.append(str(ROOT))  # a bare checkout: kernels/ as umv2cli.kernels (see bench_speed.py)
 from umv2cli.kernels.lookup import _mem_bwd_x_kernel, _mem_fwd_kernel, mem_fwd  # noqa: E402
-from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel, sort_by_row  # noqa: E402
 from umv2cli.kernels.rows import launch_dims  # noqa: E402
+from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel, rows_launch_dims, sort_by_row  # noqa: E402
 
 CPU = not torch.cuda.is_available()
 DEVICE = "cpu" if CPU else "cuda"
 OUT = Path(os.environ.get("OUT", "/tmp"))
 # (D_p, D_v, m, tokens B, table rows T): ultramemv2-227m's home table, then 576 B rows over 10⁶
 SHAPES = [(16, 32, 4, 8, 50)] if CPU else [(192, 192, 32, 16384, 129600), (96, 192, 32, 16384, 10**6)]
-# (lookups per tile, warps)
-CONFIGS = [(4, 2), (8, 4)] if CPU else [(4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8)]
+# (lookups per tile, warps); K34 takes one lookup at a time, at each of WARPS
+CONFIGS = [(4, 1), (8, 2)] if CPU else [(4, 1), (8, 1), (16, 1), (32, 1), (8, 2), (32, 2), (16, 4), (32, 8)]
+WARPS = [1, 2] if CPU else [1, 2, 4]
 results = {}
 
 
@@ -106,13 +107,14 @@ def tune_shape(row: dict, P: int, V: int, M: int, B: int, T: int) -> None:
     do = torch.randn(B, V, device=DEVICE, generator=g).bfloat16()
     grad = torch.zeros(T, P + V, device=DEVICE)
     ds, dz = torch.empty_like(s), torch.empty(B, M, device=DEVICE)
-    sweep(row, "k34", CONFIGS, lambda tile, warps: _mem_bwd_rows_kernel[(triton.cdiv(B * M, tile),)](
-        table, sorted_L, order_L, s, h, x, do, grad, ds, dz, B * M, M,
-        **dict(dims, TILE=tile, num_warps=warps), GELU=False))
+    row_ptr = torch.searchsorted(sorted_L, torch.arange(T + 1, dtype=torch.int32, device=DEVICE), out_int32=True)
+    sweep(row, "k34", [(1, w) for w in WARPS], lambda _, warps: _mem_bwd_rows_kernel[(T,)](
+        table, row_ptr, order_L, s, h, x, do, grad, ds, dz, M, **dict(rows_launch_dims(2, P, V), num_warps=warps),
+        GELU=False))
     save()
 
     dx = torch.empty_like(x)
-    sweep(row, "dx", CONFIGS[1::2], lambda tile, warps: _mem_bwd_x_kernel[(B,)](
+    sweep(row, "dx", CONFIGS, lambda tile, warps: _mem_bwd_x_kernel[(B,)](
         table, rows, dz, dx, M, P, V, BLOCK_P=max(16, triton.next_power_of_2(P)), TILE=tile, num_warps=warps))
     save()
 
