@@ -1,5 +1,6 @@
 """Launch configurations of the lookup kernels (lookups per tile × warps) against the raw gather
-(`index_select`), and a torch.profiler table of one ultramemv2-227m layer's forward+backward, on
+(`index_select`) and a read-only roofline (each token sums its m rows: the forward's reads with
+no arithmetic), and a torch.profiler table of one ultramemv2-227m layer's forward+backward, on
 one CUDA device; the measurements behind `kernels/rows.py`'s NUM_WARPS and TILE_ELEMENTS.
 Usage: OUT=DIR python scripts/tune_lookup_launch.py (writes DIR/tune.json after each part; on a
 machine without CUDA, under TRITON_INTERPRET=1, it runs one tiny shape untimed, as a dry run).
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import umv2cli  # noqa: E402
 
@@ -31,6 +33,20 @@ SHAPES = [(16, 32, 4, 8, 50)] if CPU else [(192, 192, 32, 16384, 129600), (96, 1
 CONFIGS = [(4, 1), (8, 2)] if CPU else [(4, 1), (8, 1), (16, 1), (32, 1), (8, 2), (32, 2), (16, 4), (32, 8)]
 WARPS = [1, 2] if CPU else [1, 2, 4]
 results = {}
+
+
+@triton.jit
+def _read_rows_kernel(TABLE, ROWS, O, M, D, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Roofline of the forward's reads: token t sums its m whole rows [D] and writes the sum."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j0 in range(0, M, TILE):
+        offs_j = j0 + tl.arange(0, TILE)
+        row = tl.load(ROWS + t * M + offs_j, mask=offs_j < M, other=0).to(tl.int64)
+        acc += tl.sum(tl.load(TABLE + row[:, None] * D + offs_d[None, :],
+                              mask=(offs_j < M)[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32), axis=0)
+    tl.store(O + t * D + offs_d, acc.to(O.dtype.element_ty), mask=offs_d < D)
 
 
 def save():
@@ -91,6 +107,9 @@ def tune_shape(row: dict, P: int, V: int, M: int, B: int, T: int) -> None:
     s = torch.randn(B, M, 2, device=DEVICE, generator=g).bfloat16()
     row["index_select_ms"] = bench(lambda: table.index_select(0, rows.flatten()))
     row["gather_bytes"] = B * M * (P + V) * 2
+    sums = torch.empty(B, P + V, device=DEVICE, dtype=torch.bfloat16)
+    sweep(row, "read-only", CONFIGS, lambda tile, warps: _read_rows_kernel[(B,)](
+        table, rows, sums, M, P + V, TILE=tile, BLOCK_D=triton.next_power_of_2(P + V), num_warps=warps))
     row["rows_int32_fwd_ms"] = bench(lambda: mem_fwd(x, table, rows.int(), s))
     row["default_fwd_ms"] = bench(lambda: mem_fwd(x, table, rows, s))
     dims = launch_dims(2, P, V)
