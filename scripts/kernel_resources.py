@@ -29,14 +29,15 @@ import umv2cli  # noqa: E402
 umv2cli.__path__.append(str(ROOT))  # a bare checkout: kernels/ as umv2cli.kernels (see bench_speed.py)
 from umv2cli.kernels.lookup import _mem_bwd_x_kernel, _mem_fwd_kernel  # noqa: E402
 from umv2cli.kernels.rows import launch_dims  # noqa: E402
-from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel, rows_launch_dims  # noqa: E402
+from umv2cli.kernels.value_grad import CHUNK, _add_chunks_kernel, _mem_bwd_rows_kernel, rows_launch_dims  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 SM_REGISTERS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 233472, 64, 32  # per SM of an H100
 # pointer arguments and their element types (bf16 rows, scores and activations; fp32 gradient and h)
 POINTERS = {"TABLE": "bf16", "X_P": "bf16", "S": "bf16", "O": "bf16", "DO": "bf16", "DS": "bf16", "DX_P": "bf16",
-            "H": "fp32", "GRAD": "fp32", "DZ": "fp32", "ROWS": "i64", "ROW_PTR": "i32", "ORDER": "i32"}
+            "H": "fp32", "GRAD": "fp32", "DZ": "fp32", "PART": "fp32", "ROWS": "i64", "ROW_PTR": "i32", "ORDER": "i32",
+            "EXTRA_END": "i32", "EXTRA_ROW": "i32"}
 # (D_p, D_v, m): the ultramemv2-227m layer's rows (768 B), and 576 B rows
 SHAPES = [(192, 192, 32), (96, 192, 32)]
 CONFIGS = [(4, 1), (8, 1), (32, 1), (16, 4)]  # (lookups per tile, warps); 16 at 4 warps: before run 5
@@ -78,10 +79,12 @@ def resources(compiled, num_warps: int, tile: int) -> dict:
 
 def kernel_rows(P: int, V: int, M: int, C: int = 2) -> list[dict]:
     dims = launch_dims(C, P, V)
-    ints = {"D_P": P, "D_V": V, "W": dims["W"], "C": C, "M": M}
+    ints = {"D_P": P, "D_V": V, "W": dims["W"], "C": C, "M": M, "T": 10**6, "D": P + V}
     blocks = {k: dims[k] for k in ("HAS_P", "BLOCK_P", "BLOCK_C", "BLOCK_W")}
-    launches = [("row-major backward (K34)", 1, rows_launch_dims(C, P, V)["num_warps"], _mem_bwd_rows_kernel,
-                 dict(blocks, GELU=False))]
+    warps = rows_launch_dims(C, P, V)["num_warps"]
+    launches = [("row-major backward (K34)", 1, warps, _mem_bwd_rows_kernel, dict(blocks, GELU=False, CHUNK=CHUNK)),
+                ("K34's further chunks", 1, warps, _add_chunks_kernel,
+                 {"CHUNK": CHUNK, "BLOCK_D": triton.next_power_of_2(P + V)})]
     for tile, warps in CONFIGS:
         launches += [("forward (K2)", tile, warps, _mem_fwd_kernel, dict(blocks, GELU=False, TILE=tile)),
                      ("x_p pass", tile, warps, _mem_bwd_x_kernel, {"BLOCK_P": dims["BLOCK_P"], "TILE": tile})]

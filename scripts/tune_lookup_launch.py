@@ -22,16 +22,15 @@ import umv2cli  # noqa: E402
 umv2cli.__path__.append(str(ROOT))  # a bare checkout: kernels/ as umv2cli.kernels (see bench_speed.py)
 from umv2cli.kernels.lookup import _mem_bwd_x_kernel, _mem_fwd_kernel, mem_fwd  # noqa: E402
 from umv2cli.kernels.rows import launch_dims  # noqa: E402
-from umv2cli.kernels.value_grad import _mem_bwd_rows_kernel, rows_launch_dims, sort_by_row  # noqa: E402
+from umv2cli.kernels.value_grad import mem_bwd_rows, sort_by_row  # noqa: E402
 
 CPU = not torch.cuda.is_available()
 DEVICE = "cpu" if CPU else "cuda"
 OUT = Path(os.environ.get("OUT", "/tmp"))
 # (D_p, D_v, m, tokens B, table rows T): ultramemv2-227m's home table, then 576 B rows over 10⁶
 SHAPES = [(16, 32, 4, 8, 50)] if CPU else [(192, 192, 32, 16384, 129600), (96, 192, 32, 16384, 10**6)]
-# (lookups per tile, warps); K34 takes one lookup at a time, at each of WARPS
+# (lookups per tile, warps) of the forward and the x_p pass
 CONFIGS = [(4, 1), (8, 2)] if CPU else [(4, 1), (8, 1), (16, 1), (32, 1), (8, 2), (32, 2), (16, 4), (32, 8)]
-WARPS = [1, 2] if CPU else [1, 2, 4]
 results = {}
 
 
@@ -125,11 +124,8 @@ def tune_shape(row: dict, P: int, V: int, M: int, B: int, T: int) -> None:
     sorted_L, order_L = sort_by_row(rows, T)
     do = torch.randn(B, V, device=DEVICE, generator=g).bfloat16()
     grad = torch.zeros(T, P + V, device=DEVICE)
-    ds, dz = torch.empty_like(s), torch.empty(B, M, device=DEVICE)
-    row_ptr = torch.searchsorted(sorted_L, torch.arange(T + 1, dtype=torch.int32, device=DEVICE), out_int32=True)
-    sweep(row, "k34", [(1, w) for w in WARPS], lambda _, warps: _mem_bwd_rows_kernel[(T,)](
-        table, row_ptr, order_L, s, h, x, do, grad, ds, dz, M, **dict(rows_launch_dims(2, P, V), num_warps=warps),
-        GELU=False))
+    row["k34_ms"] = bench(lambda: mem_bwd_rows(table, sorted_L, order_L, s, h, x, do, grad))  # no launch knobs
+    _, dz = mem_bwd_rows(table, sorted_L, order_L, s, h, x, do, grad)
     save()
 
     dx = torch.empty_like(x)

@@ -28,16 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# (D_p, D_v, m, tokens B, table rows T): rows of 576 B to 2.3 KB in bf16, m 32-256 (issue 6)
+# (D_p, D_v, m, tokens B, table rows T, crowd): rows of 576 B to 2.3 KB in bf16, m 32-256 (issue 6);
+# crowd: how many of each token's lookups read one of POPULAR_ROWS rows (the rest are uniform)
 LOOKUP_SHAPES = [
-    (96, 192, 32, 16384, 10**6),
-    (192, 192, 32, 16384, 10**6),
-    (256, 768, 32, 16384, 10**6),
-    (384, 768, 128, 16384, 10**6),
-    (192, 192, 256, 16384, 10**6),
-    (192, 192, 32, 262144, 10**6),
-    (96, 192, 32, 65536, 10**8),
+    (96, 192, 32, 16384, 10**6, 0),
+    (192, 192, 32, 16384, 10**6, 0),
+    (256, 768, 32, 16384, 10**6, 0),
+    (384, 768, 128, 16384, 10**6, 0),
+    (192, 192, 256, 16384, 10**6, 0),
+    (192, 192, 32, 262144, 10**6, 0),
+    (96, 192, 32, 65536, 10**8, 0),
+    (192, 192, 32, 16384, 129600, 8),  # ultramemv2-227m's table, a quarter of the lookups on 32 rows
 ]
+POPULAR_ROWS = 32
 # (rank r, keys per side n, k_rc, m, tokens B), C = 2 cores: the 227M row (n 360, m 32) and denser ones
 SELECT_SHAPES = [(2, 360, 32, 32, 16384), (2, 360, 64, 64, 16384), (2, 360, 128, 128, 16384), (2, 1024, 128, 256, 16384)]
 
@@ -73,13 +76,16 @@ def copy_bandwidth(device: str = "cuda", elements: int = 2**29) -> float:
 # the value lookup and the selection
 
 
-def lookup_inputs(P: int, V: int, M: int, B: int, T: int, dtype=torch.bfloat16, C: int = 2, seed: int = 0):
-    """x_p [B, D_p], table [T, D_p + D_v], rows [B, m] (uniform, one duplicate per token), scores [B, m, C]."""
+def lookup_inputs(P: int, V: int, M: int, B: int, T: int, crowd: int = 0, dtype=torch.bfloat16, C: int = 2,
+                  seed: int = 0):
+    """x_p [B, D_p], table [T, D_p + D_v], rows [B, m] (uniform, one duplicate per token, the next
+    `crowd` of each token among POPULAR_ROWS rows), scores [B, m, C]."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x_p = torch.randn(B, P, device="cuda", generator=g).to(dtype)
     table = torch.empty(T, P + V, device="cuda", dtype=dtype).normal_(0.0, 0.1, generator=g)  # no fp32 copy
     rows = torch.randint(0, T, (B, M), device="cuda", generator=g)
     rows[:, 1] = rows[:, 0]
+    rows[:, 2 : 2 + crowd] = torch.randint(0, POPULAR_ROWS, (B, crowd), device="cuda", generator=g)
     scores = torch.randn(B, M, C, device="cuda", generator=g).to(dtype)
     return x_p, table, rows, scores
 
@@ -114,15 +120,15 @@ def bench_lookup(shape: tuple, copy_bps: float) -> dict:
     big for a gradient get the forward alone."""
     from umv2cli.kernels.lookup import memory_lookup, memory_lookup_reference
 
-    P, V, M, B, T = shape
-    x_p, table, rows, scores = lookup_inputs(P, V, M, B, T)
+    P, V, M, B, T, crowd = shape
+    x_p, table, rows, scores = lookup_inputs(P, V, M, B, T, crowd)
     row_bytes = (P + V) * table.element_size()
     gathered = B * M * row_bytes
     fwd = _bench_ms(lambda: memory_lookup(x_p, table, rows, scores, impl="triton"))
     ref = _bench_ms(lambda: memory_lookup_reference(x_p, table, rows, scores))
     bag = _bench_ms(lambda: F.embedding_bag(rows, table[:, P:], per_sample_weights=scores[..., 0], mode="sum"))
     row = {
-        "row_bytes": row_bytes, "D_p": P, "D_v": V, "m": M, "tokens": B, "rows": T,
+        "row_bytes": row_bytes, "D_p": P, "D_v": V, "m": M, "tokens": B, "rows": T, "crowd": crowd,
         "fwd_ms": fwd, "fwd_TBps": gathered / fwd / 1e9, "fwd_of_copy": gathered / (fwd * 1e-3) / copy_bps,
         "fwd_vs_torch": ref / fwd, "fwd_vs_embedding_bag": bag / fwd,
     }
@@ -503,7 +509,8 @@ def done_when(results: dict) -> list[dict]:
     kernels = results.get("kernels", {})
     for r in kernels.get("lookup", []):
         if "bwd_over_fwd" in r:
-            goal(f"lookup bwd / fwd, {r['row_bytes']} B rows, m {r['m']}, {r['tokens']} tokens",
+            crowded = f", {r['crowd']} of m on {POPULAR_ROWS} rows" if r.get("crowd") else ""
+            goal(f"lookup bwd / fwd, {r['row_bytes']} B rows, m {r['m']}, {r['tokens']} tokens{crowded}",
                  r["bwd_over_fwd"], "≤ 3", r["bwd_over_fwd"] <= 3)
         if r.get("row_bytes") == 576:
             goal(f"lookup fwd of copy bandwidth, 576 B rows, {r['tokens']} tokens, {r['rows']} rows",

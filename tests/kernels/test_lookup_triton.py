@@ -104,20 +104,26 @@ def test_sort_by_row_is_stable_and_gives_int32(L, T):
     assert bool((order_L[1:][ties] > order_L[:-1][ties]).all())
 
 
-def backward_inputs(B, M, C, P, V, T, seed=1):
-    """Inputs of mem_bwd with h from the forward, and the reference gradients in fp64."""
+def backward_inputs(B, M, C, P, V, T, seed=1, crowd=0):
+    """Inputs of mem_bwd with h from the forward; each token's first `crowd` lookups read row 0."""
     x_p, table, rows_BM, scores, do = random_lookup(B, M, C, P, V, T, seed=seed)
+    rows_BM[:, :crowd] = 0
     _, h = lookup.mem_fwd(x_p, table, rows_BM, scores, "gelu")
     return x_p, table, rows_BM, scores, h, do
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("B,M,C,P,V,T", [
-    (6, 6, 1, 3, 200, 1),  # one row of 36 lookups
-    (4, 6, 2, 0, 200, 2),  # D_p = 0; two rows of ~12 in 24 lookups
+@pytest.mark.parametrize("B,M,C,P,V,T,crowd", [
+    (6, 6, 1, 3, 200, 1, 0),  # one row of 36 lookups: two chunks
+    (4, 6, 2, 0, 200, 2, 0),  # D_p = 0; two rows of ~12 in 24 lookups: one chunk each
+    (40, 5, 2, 3, 8, 30, 3),  # 120+ lookups on row 0 (four or five chunks), the rest spread over 30 rows
+    (30, 4, 1, 0, 16, 3, 2),  # D_p = 0; 60 and ~20 more on row 0, ~20 on each of the two others
 ])
-def test_rows_of_many_lookups_sum_in_a_fixed_order(B, M, C, P, V, T):
-    args = backward_inputs(B, M, C, P, V, T)
+def test_rows_of_many_lookups_sum_in_a_fixed_order(B, M, C, P, V, T, crowd):
+    """A row's lookups are summed in chunks of value_grad.CHUNK, in one fixed order however many
+    crowd onto it."""
+    args = backward_inputs(B, M, C, P, V, T, crowd=crowd)
+    assert (args[2] == 0).sum() > 2 * value_grad.CHUNK or not crowd, "row 0 must take three chunks or more"
     first = lookup.mem_bwd(*args, "gelu")
     second = lookup.mem_bwd(*args, "gelu")
     for a, b in zip(first, second):
