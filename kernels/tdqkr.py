@@ -131,9 +131,9 @@ def _unpack_id(key):
 
 
 @triton.jit
-def _gather_ranks(S, ids, N, offs_r, mask_r, mask):
-    """S[r, ids_i] for one token's [r, n] scores → [len(ids), BLOCK_R] in fp32."""
-    return tl.load(S + offs_r[None, :] * N + ids[:, None], mask=mask[:, None] & mask_r[None, :],
+def _gather_ranks(S, ids, STRIDE_R, offs_r, mask_r, mask):
+    """S[r, ids_i] for one token's [r, n] scores (ranks STRIDE_R apart) → [len(ids), BLOCK_R] in fp32."""
+    return tl.load(S + offs_r[None, :] * STRIDE_R + ids[:, None], mask=mask[:, None] & mask_r[None, :],
                    other=0.0).to(tl.float32)
 
 
@@ -145,11 +145,11 @@ def _core(CORES, c, R, offs_r, mask_r):
 
 
 @triton.jit
-def _prefilter(S, W, R, N, offs_r, mask_r, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _prefilter(S, W, STRIDE_R, N, offs_r, mask_r, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Step 4 for one side: the key ids by w^T S[:, n], best first → [BLOCK_K] (the first k_rc count)."""
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    s_RN = tl.load(S + offs_r[:, None] * N + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+    s_RN = tl.load(S + offs_r[:, None] * STRIDE_R + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
                    other=0.0).to(tl.float32)  # read r·n
     w_R = tl.load(W + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     a_N = tl.sum(w_R[:, None] * s_RN, axis=0)  # a = u^T S_row (or b = v^T S_col)
@@ -172,7 +172,7 @@ def _merge_top(run_M, top_M):
 
 @triton.jit
 def _tdqkr_fwd_kernel(
-    S_ROW,  # pointer to the row scores [B, r, n], each token's [r, n] block contiguous
+    S_ROW,  # pointer to the row scores [B, r, n], each rank's n scores contiguous
     S_COL,  # pointer to the column scores, the same layout
     CORES,  # pointer to the Tucker cores [C, r, r]
     U,  # pointer to the rank-1 row vector u [r]
@@ -180,8 +180,8 @@ def _tdqkr_fwd_kernel(
     ROWS,  # pointer to the chosen rows, int64 [B, m]
     COLS,  # pointer to the chosen columns, int64 [B, m]
     SCORES,  # pointer to the per-core scores [B, m, C]
-    STRIDE_ROW,  # elements between two tokens' [r, n] blocks of S_ROW
-    STRIDE_COL,  # the same for S_COL
+    ROW_B, ROW_R,  # S_ROW's strides: elements between two tokens, between two ranks
+    COL_B, COL_R,  # the same for S_COL
     R,  # Tucker rank r
     N,  # keys per side n
     C,  # cores
@@ -195,13 +195,13 @@ def _tdqkr_fwd_kernel(
     BLOCK_M: tl.constexpr,  # power of two ≥ m, ≤ BLOCK_I · BLOCK_J
 ):
     b = tl.program_id(0).to(tl.int64)  # one token
-    s_row = S_ROW + b * STRIDE_ROW
-    s_col = S_COL + b * STRIDE_COL
+    s_row = S_ROW + b * ROW_B
+    s_col = S_COL + b * COL_B
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     # step 4: rank-1 prefilter, k_rc row and column candidates
-    i_K = _prefilter(s_row, U, R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
-    j_K = _prefilter(s_col, V, R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
+    i_K = _prefilter(s_row, U, ROW_R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
+    j_K = _prefilter(s_col, V, COL_R, N, offs_r, mask_r, BLOCK_N, BLOCK_K)
     # steps 5-6, one BLOCK_I × BLOCK_J tile of the grid Σ_c G_c = S̃_row^T C̄ S̃_col at a time
     # (C̄ = Σ_c C_c): keep a running top-m of packed keys, best first, ties to the lower virtual
     # cell row·n + col. A tile whose best key is below the running m-th key cannot change it and
@@ -215,13 +215,13 @@ def _tdqkr_fwd_kernel(
         offs_i = i0 + tl.arange(0, BLOCK_I)
         mask_i = offs_i < K_RC
         i_I = tl.gather(i_K, offs_i, 0)
-        sr_IR = _gather_ranks(s_row, i_I, N, offs_r, mask_r, mask_i)
+        sr_IR = _gather_ranks(s_row, i_I, ROW_R, offs_r, mask_r, mask_i)
         t_IR = tl.sum(sr_IR[:, :, None] * cbar_RR[None, :, :], axis=1)  # T[i, s] = Σ_r S̃_row[r, i] C̄[r, s]
         for j0 in range(0, K_RC, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             mask_j = offs_j < K_RC
             j_J = tl.gather(j_K, offs_j, 0)
-            sc_JR = _gather_ranks(s_col, j_J, N, offs_r, mask_r, mask_j)
+            sc_JR = _gather_ranks(s_col, j_J, COL_R, offs_r, mask_r, mask_j)
             g_IJ = tl.sum(t_IR[:, None, :] * sc_JR[None, :, :], axis=2)  # G[i, j] = Σ_s T[i, s] S̃_col[s, j]
             key_IJ = _pack(g_IJ, i_I[:, None] * N + j_J[None, :], mask_i[:, None] & mask_j[None, :])
             if tl.max(tl.max(key_IJ, axis=1), axis=0) > kth:
@@ -235,8 +235,8 @@ def _tdqkr_fwd_kernel(
     tl.store(ROWS + b * M + offs_m, row_M, mask=mask_m)
     tl.store(COLS + b * M + offs_m, col_M, mask=mask_m)
     # each core's score of the winners: s_{j,c} = S_row[:, row_j]^T C_c S_col[:, col_j]
-    sr_MR = _gather_ranks(s_row, row_M, N, offs_r, mask_r, mask_m)
-    sc_MR = _gather_ranks(s_col, col_M, N, offs_r, mask_r, mask_m)
+    sr_MR = _gather_ranks(s_row, row_M, ROW_R, offs_r, mask_r, mask_m)
+    sc_MR = _gather_ranks(s_col, col_M, COL_R, offs_r, mask_r, mask_m)
     for c in range(C):
         core_RR = _core(CORES, c, R, offs_r, mask_r)
         s_M = tl.sum(tl.sum(sr_MR[:, :, None] * core_RR[None, :, :] * sc_MR[:, None, :], axis=2), axis=1)
@@ -271,8 +271,8 @@ def _tdqkr_bwd_kernel(
     DS_ROW,  # pointer to ∂S_row [B, r, n], contiguous (every element written)
     DS_COL,  # pointer to ∂S_col [B, r, n], contiguous (every element written)
     DCORES,  # pointer to each token's share of ∂C, fp32 [B, C, r, r]
-    STRIDE_ROW,  # elements between two tokens' [r, n] blocks of S_ROW
-    STRIDE_COL,  # the same for S_COL
+    ROW_B, ROW_R,  # S_ROW's strides: elements between two tokens, between two ranks
+    COL_B, COL_R,  # the same for S_COL
     R,  # Tucker rank r
     N,  # keys per side n
     C,  # cores
@@ -298,8 +298,8 @@ def _tdqkr_bwd_kernel(
     mask_m = offs_m < M
     row_M = tl.load(ROWS + b * M + offs_m, mask=mask_m, other=0)
     col_M = tl.load(COLS + b * M + offs_m, mask=mask_m, other=0)
-    sr_MR = _gather_ranks(S_ROW + b * STRIDE_ROW, row_M, N, offs_r, mask_r, mask_m)
-    sc_MR = _gather_ranks(S_COL + b * STRIDE_COL, col_M, N, offs_r, mask_r, mask_m)
+    sr_MR = _gather_ranks(S_ROW + b * ROW_B, row_M, ROW_R, offs_r, mask_r, mask_m)
+    sc_MR = _gather_ranks(S_COL + b * COL_B, col_M, COL_R, offs_r, mask_r, mask_m)
     dsr_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dsc_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c in range(C):
@@ -314,10 +314,10 @@ def _tdqkr_bwd_kernel(
     _store_summed_by_id(DS_COL + b * R * N, col_M, dsc_MR, mask_m, N, offs_r, mask_r, BLOCK_M)
 
 
-def _rank_major(s_BRN: torch.Tensor) -> torch.Tensor:
-    """The kernels read a token's [r, n] block contiguously; any batch stride is fine."""
-    _, R, N = s_BRN.shape
-    return s_BRN if s_BRN.stride(2) == 1 and s_BRN.stride(1) == N else s_BRN.contiguous()
+def _keys_contiguous(s_BRN: torch.Tensor) -> torch.Tensor:
+    """The kernels read each rank's n scores contiguously; any token and rank strides are fine
+    (the scores' einsum gives the two sides as strided views, which need no copy)."""
+    return s_BRN if s_BRN.stride(2) == 1 else s_BRN.contiguous()
 
 
 def _check_select_args(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm) -> tuple[int, ...]:
@@ -364,7 +364,7 @@ def _blocks(R: int, N: int, k_rc: int, topm: int) -> dict:
 def tdqkr_fwd(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm):
     """K1 forward. Returns (rows_BM, cols_BM int64, scores_BMC in s_row's dtype), best first."""
     B, R, N, C = _check_select_args(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm)
-    s_row_BRN, s_col_BRN = _rank_major(s_row_BRN), _rank_major(s_col_BRN)
+    s_row_BRN, s_col_BRN = _keys_contiguous(s_row_BRN), _keys_contiguous(s_col_BRN)
     device = s_row_BRN.device
     rows_BM = torch.empty(B, topm, dtype=torch.int64, device=device)
     cols_BM = torch.empty(B, topm, dtype=torch.int64, device=device)
@@ -372,14 +372,14 @@ def tdqkr_fwd(s_row_BRN, s_col_BRN, cores_CRR, u_R, v_R, k_rc, topm):
     if B:
         _tdqkr_fwd_kernel[(B,)](
             s_row_BRN, s_col_BRN, cores_CRR.contiguous(), u_R.contiguous(), v_R.contiguous(),
-            rows_BM, cols_BM, scores_BMC, s_row_BRN.stride(0), s_col_BRN.stride(0), R, N, C, k_rc,
+            rows_BM, cols_BM, scores_BMC, *s_row_BRN.stride()[:2], *s_col_BRN.stride()[:2], R, N, C, k_rc,
             topm, **_blocks(R, N, k_rc, topm))
     return rows_BM, cols_BM, scores_BMC
 
 
 def tdqkr_bwd(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM, dscores_BMC):
     """K1 backward. Returns (∂S_row, ∂S_col in s_row's dtype, ∂C in the cores' dtype)."""
-    s_row_BRN, s_col_BRN = _rank_major(s_row_BRN), _rank_major(s_col_BRN)
+    s_row_BRN, s_col_BRN = _keys_contiguous(s_row_BRN), _keys_contiguous(s_col_BRN)
     (B, R, N), (C, M) = s_row_BRN.shape, (cores_CRR.shape[0], rows_BM.shape[1])
     ds_row_BRN = torch.empty(B, R, N, dtype=s_row_BRN.dtype, device=s_row_BRN.device)
     ds_col_BRN = torch.empty_like(ds_row_BRN)
@@ -387,7 +387,7 @@ def tdqkr_bwd(s_row_BRN, s_col_BRN, cores_CRR, rows_BM, cols_BM, dscores_BMC):
     if B:
         _tdqkr_bwd_kernel[(B,)](
             s_row_BRN, s_col_BRN, cores_CRR.contiguous(), rows_BM, cols_BM, dscores_BMC.contiguous(),
-            ds_row_BRN, ds_col_BRN, dcores_BCRR, s_row_BRN.stride(0), s_col_BRN.stride(0), R, N, C, M,
+            ds_row_BRN, ds_col_BRN, dcores_BCRR, *s_row_BRN.stride()[:2], *s_col_BRN.stride()[:2], R, N, C, M,
             BLOCK_R=triton.next_power_of_2(R), BLOCK_M=triton.next_power_of_2(M),
             BLOCK_Z=min(triton.next_power_of_2(N), max(16, 1024 // triton.next_power_of_2(R))))
     return ds_row_BRN, ds_col_BRN, dcores_BCRR.sum(0).to(cores_CRR.dtype)

@@ -92,17 +92,28 @@ def test_triton_select_half_precision(dtype, cores_dtype):
 
 
 @pytest.mark.usefixtures("poisoned_empty")
-def test_triton_select_reads_strided_row_and_column_views():
-    """The layer passes s[:, 0] and s[:, 1] of one [B, 2, r, n] tensor: no copies, same result."""
+@pytest.mark.parametrize("layout", ["token-major", "rank-major"])
+def test_triton_select_reads_strided_row_and_column_views(layout):
+    """The layer passes the two sides of one [B, 2, r, n] score tensor, which its einsum lays out
+    rank-major ([2, r, B, n] in memory): no copies, same result, same gradient."""
     s_row, s_col, cores, u, v = random_scores(3, 2, 10, 2, seed=5)
-    s_BSRN = torch.stack([s_row, s_col], 1).requires_grad_(True)
-    rows, cols, scores = tdqkr.select_topm(s_BSRN[:, 0], s_BSRN[:, 1], cores, u, v, 4, 6, impl="triton")
+    if layout == "token-major":
+        s_BSRN = torch.stack([s_row, s_col], 1).requires_grad_(True)
+        sides = s_BSRN.unbind(1)
+    else:
+        s_SRBN = torch.stack([s_row, s_col], 0).transpose(1, 2).contiguous().requires_grad_(True)
+        s_BSRN = s_SRBN.permute(2, 0, 1, 3)
+        sides = s_BSRN.unbind(1)
+        assert sides[0].stride() == (10, 3 * 10, 1)
+    assert all(tdqkr._keys_contiguous(side) is side for side in sides)
+    rows, cols, scores = tdqkr.select_topm(*sides, cores, u, v, 4, 6, impl="triton")
     scores.sum().backward()
+    grad_BSRN = s_BSRN.grad if layout == "token-major" else s_SRBN.grad.permute(2, 0, 1, 3)
     flat = [t.detach().clone().requires_grad_(True) for t in (s_row, s_col)]
     rows2, cols2, scores2 = tdqkr.select_topm(*flat, cores, u, v, 4, 6, impl="triton")
     scores2.sum().backward()
     assert torch.equal(rows, rows2) and torch.equal(cols, cols2) and torch.equal(scores, scores2)
-    assert torch.equal(s_BSRN.grad, torch.stack([flat[0].grad, flat[1].grad], 1))
+    assert torch.equal(grad_BSRN, torch.stack([flat[0].grad, flat[1].grad], 1))
 
 
 def tie_rule_topm(s_row, s_col, cores, u, v, k_rc, m):

@@ -119,9 +119,9 @@ class UltraMemV2(nn.Module):
 
     def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-7: the m pool rows each token reads [B, m] and their per-core scores [B, m, C]."""
-        s_BSRN = self.scores(u_BH)  # steps 1-3
+        s_row_BRN, s_col_BRN = self.scores(u_BH).unbind(1)  # steps 1-3 (unbind: one gradient, stacked)
         rows_BM, cols_BM, scores_BMC = select_topm(  # steps 4-6
-            s_BSRN[:, 0], s_BSRN[:, 1], self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
+            s_row_BRN, s_col_BRN, self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
             self.cfg.k_rc, self.cfg.topm, impl=self.cfg.kernels)
         return self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM), scores_BMC  # step 7
 
