@@ -57,16 +57,19 @@ def rank1_vectors(
     cores_CRR: torch.Tensor, prev_u_R: torch.Tensor, prev_v_R: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leading singular vectors (u, v) of Σ_c C_c for the prefilter (docs/fidelity.md §2.2 step 4).
+    Any leading dims batch it: cores [..., C, r, r] and previous vectors [..., r], so one SVD serves
+    every layer of a model.
 
     An SVD fixes u and v only up to a common sign; like the official code ("must maintain
     smoothness") we pick the sign that moves (u, v) least in L1 from the previous step's vectors,
-    so the prefilter does not flip between optimizer steps. u σ v^T is the same either way.
+    so the prefilter does not flip between optimizer steps. u σ v^T is the same either way. The
+    sign is chosen on the device (no host sync).
     """
-    U_RR, _, Vh_RR = torch.linalg.svd(cores_CRR.detach().float().sum(0))
-    u_R, v_R = U_RR[:, 0], Vh_RR[0]
-    keep = (u_R - prev_u_R).abs().sum() + (v_R - prev_v_R).abs().sum()
-    flip = (u_R + prev_u_R).abs().sum() + (v_R + prev_v_R).abs().sum()
-    sign = -1.0 if flip < keep else 1.0
+    U_RR, _, Vh_RR = torch.linalg.svd(cores_CRR.detach().float().sum(-3))
+    u_R, v_R = U_RR[..., :, 0], Vh_RR[..., 0, :]
+    keep = (u_R - prev_u_R).abs().sum(-1) + (v_R - prev_v_R).abs().sum(-1)
+    flip = (u_R + prev_u_R).abs().sum(-1) + (v_R + prev_v_R).abs().sum(-1)
+    sign = torch.where(flip < keep, -1.0, 1.0)[..., None]
     return (sign * u_R).to(prev_u_R.dtype), (sign * v_R).to(prev_v_R.dtype)
 
 

@@ -104,3 +104,28 @@ def test_training_is_bitwise_deterministic_with_several_threads(preset):
         assert runs[0] == runs[1]
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("preset", ["tiny-ultramemv2", "tiny-ultramem"])
+def test_model_refresh_rank1_equals_each_layer_refreshing_its_own(preset):
+    """The model refreshes every layer's prefilter vectors in one batched SVD: the same vectors,
+    signs included, as each layer's own refresh."""
+    torch.manual_seed(0)
+    model, twin = build_model(get_preset(preset), seed=3), build_model(get_preset(preset), seed=3)
+    layers = [layer for layer in model.sparse if hasattr(layer, "refresh_rank1")]
+    assert len(layers) >= 2
+    with torch.no_grad():
+        for k, (layer, other) in enumerate(zip(layers, (m for m in twin.sparse if hasattr(m, "refresh_rank1")))):
+            cores = torch.rand_like(layer.cores_CRR)
+            layer.cores_CRR.copy_(cores)
+            other.cores_CRR.copy_(cores)
+            if k % 2:  # a previous sign the other way: the refresh must keep it
+                for buf in (layer.rank1_u_R, layer.rank1_v_R, other.rank1_u_R, other.rank1_v_R):
+                    buf.neg_()
+    model.refresh_rank1()
+    for layer in twin.sparse:
+        if hasattr(layer, "refresh_rank1"):
+            layer.refresh_rank1()
+    for layer, other in zip(layers, (m for m in twin.sparse if hasattr(m, "refresh_rank1"))):
+        torch.testing.assert_close(layer.rank1_u_R, other.rank1_u_R, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.rank1_v_R, other.rank1_v_R, rtol=1e-6, atol=1e-6)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from umv2cli.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, UltraMemV1Config, UltraMemV2Config
+from umv2cli.kernels.tdqkr import rank1_vectors
 from umv2cli.model import pkm, ultramemv2
 from umv2cli.model.ffn import SwiGLU
 from umv2cli.model.init import InitContext, normal_
@@ -135,10 +136,16 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def refresh_rank1(self) -> None:
         """Refresh the TDQKR prefilter vectors of every layer that has them; call once per
-        optimizer step (docs/fidelity.md §2.2 step 4)."""
-        for layer in self.sparse:
-            if hasattr(layer, "refresh_rank1"):
-                layer.refresh_rank1()
+        optimizer step (docs/fidelity.md §2.2 step 4). One batched SVD for all the layers (each
+        SVD on a GPU waits for the device), the same vectors as each layer's `refresh_rank1`."""
+        layers = [layer for layer in self.sparse if hasattr(layer, "refresh_rank1")]
+        if not layers:
+            return
+        u_LR, v_LR = rank1_vectors(torch.stack([layer.cores_CRR for layer in layers]),
+                                   torch.stack([layer.rank1_u_R for layer in layers]),
+                                   torch.stack([layer.rank1_v_R for layer in layers]))
+        torch._foreach_copy_([layer.rank1_u_R for layer in layers], list(u_LR.unbind(0)))
+        torch._foreach_copy_([layer.rank1_v_R for layer in layers], list(v_LR.unbind(0)))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
