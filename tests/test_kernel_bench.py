@@ -22,10 +22,12 @@ LOOKUP = [  # one shape missing the backward's goal, one meeting it, one crowded
     {"shape": (96, 192, 32, 65536, 10**8, 0), "skipped": "out of memory"},
 ]
 TRAIN = [
-    {"model": "ultramemv2-227m (Triton)", "compiled": False, "tokens_per_s": 90_000.0},
-    {"model": "dense (iso-activated)", "compiled": False, "tokens_per_s": 110_000.0},
-    {"model": "ultramemv2-227m (Triton)", "compiled": True, "tokens_per_s": 80_000.0},
-    {"model": "dense (iso-activated)", "compiled": True, "error": "RuntimeError: no"},
+    {"model": "ultramemv2-227m (Triton)", "step": "eager", "tokens_per_s": 90_000.0},
+    {"model": "dense (iso-activated)", "step": "eager", "tokens_per_s": 110_000.0},
+    {"model": "ultramemv2-227m (Triton)", "step": "compiled", "tokens_per_s": 80_000.0},
+    {"model": "dense (iso-activated)", "step": "compiled", "error": "RuntimeError: no"},
+    {"model": "ultramemv2-227m (Triton)", "step": "CUDA graph", "tokens_per_s": 120_000.0},
+    {"model": "dense (iso-activated)", "step": "CUDA graph", "tokens_per_s": 200_000.0},
 ]
 
 
@@ -34,7 +36,7 @@ def test_goals_are_read_from_every_section():
         kernels={"copy_TBps": 3.0, "lookup": LOOKUP, "select": []},
         layer=[{"path": "triton", "fb_ms": 1.0, "fb_speedup_over_torch": 4.2, "fb_speedup_over_torch+compile": 1.4},
                {"path": "torch", "fb_ms": 4.2}, {"path": "triton+cudagraphs", "error": "x"}],
-        train=TRAIN[:2], train_compiled=TRAIN[2:],
+        train=TRAIN[:2], train_compiled=TRAIN[2:4], train_graphed=TRAIN[4:],
         curves={"steps": 300, "max_abs_gap": 0.03, "final": {"triton": 1.50, "torch": 1.51}}))}
     met = {name: g["met"] for name, g in goals.items()}
     assert met["lookup bwd / fwd, 576 B rows, m 32, 16384 tokens"] is False
@@ -43,9 +45,10 @@ def test_goals_are_read_from_every_section():
     assert met["lookup fwd of copy bandwidth, 576 B rows, 16384 tokens, 1000000 rows"] is True
     assert met["layer fwd+bwd, triton over torch"] and not met["layer fwd+bwd, triton over torch+compile"]
     assert goals["training tokens/s, UltraMemV2 / dense (eager)"]["measured"] == 90_000 / 110_000
+    assert goals["training tokens/s, UltraMemV2 / dense (CUDA graph)"]["measured"] == 120_000 / 200_000
     assert not any("compiled" in name for name in goals), "no dense compiled row: no compiled ratio"
     assert met[next(n for n in goals if n.startswith("curves"))] is True
-    assert len(goals) == 8
+    assert len(goals) == 9
 
 
 def test_render_prints_goals_tables_and_failures():
@@ -54,7 +57,7 @@ def test_render_prints_goals_tables_and_failures():
     assert text.startswith("H100, torch 2.11, triton 3.6")
     assert "errors: {'layer': 'boom'}" in text and "skipped: ['select']" in text
     assert "copy bandwidth 3.01 TB/s" in text and "out of memory" in text
-    assert "training dense (iso-activated) (compiled True): RuntimeError: no" in text
+    assert "training dense (iso-activated) (compiled): RuntimeError: no" in text
     assert "zero_fill_over_fwd" in text.splitlines()[text.splitlines().index(
         "value lookup, bf16 rows (fp32 gradient)") + 1]
 

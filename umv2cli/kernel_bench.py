@@ -342,49 +342,84 @@ def train_models(preset: str = "ultramemv2-227m") -> dict:
     }
 
 
-def train_tokens_per_s(cfg, batch_size: int, seq_len: int, steps: int, warmup: int = 3, compile: bool = False) -> float:
+TRAIN_STEPS = ("eager", "compiled", "CUDA graph")
+"""How `train_tokens_per_s` runs a step: as `umv2 train` does by default; with the forward under
+torch.compile (`train.compile`); or the whole step captured in one CUDA graph and replayed."""
+
+
+def train_tokens_per_s(cfg, batch_size: int, seq_len: int, steps: int, warmup: int = 3, step: str = "eager") -> float:
     """Median tokens/s of training steps as `umv2 train` takes them (bf16 autocast, fp32 weights,
-    its optimizer and gradient clipping, the rank-1 refresh after each step), with the forward
-    compiled or not."""
+    its optimizer and gradient clipping, the rank-1 refresh after each step), run as `step` says
+    (`TRAIN_STEPS`). A CUDA graph replays the forward, backward, clipping and optimizer step with
+    no launch cost on the host, so it measures the GPU's work alone; the refresh (whose SVD waits
+    for the device) runs between replays."""
     from umv2cli.config import TrainConfig
     from umv2cli.model.transformer import build_model
     from umv2cli.train import build_optimizer
 
+    graphed = step == "CUDA graph"
     model = build_model(cfg, device="cuda")
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model) if step == "compiled" else model
     train_cfg = TrainConfig()
-    optimizer = build_optimizer(model, train_cfg)
+    optimizer = build_optimizer(model, train_cfg, capturable=graphed)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device="cuda")
-    times = []
-    for _ in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+
+    def train_step():
+        # a captured step casts the weights every replay: no autocast cache across replays
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
             logits, aux = forward(x[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten()) + aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    if graphed:
+        train_step = captured(train_step, optimizer, model.refresh_rank1, warmup).replay
+        warmup = 1
+    times = []
+    for _ in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step()
+        if not graphed:
+            optimizer.zero_grad(set_to_none=True)
         model.refresh_rank1()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return batch_size * seq_len / statistics.median(times[warmup:])
 
 
+def captured(train_step, optimizer, refresh, warmup: int) -> "torch.cuda.CUDAGraph":
+    """`train_step` (forward to optimizer step) captured in a CUDA graph, after `warmup` steps on a
+    side stream (kernels compiled, workspaces allocated). The gradients are None when it is
+    captured, so the captured backward writes them afresh, not onto the last step's."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            train_step()
+            optimizer.zero_grad(set_to_none=True)
+            refresh()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step()
+    return graph
+
+
 def iter_train(preset: str = "ultramemv2-227m", batch_size: int = 8, seq_len: int = 2048, steps: int = 10,
-               runs: list[tuple[str, bool]] | None = None):
+               runs: list[tuple[str, str]] | None = None):
     """Training tokens/s of the memory model, MoE and dense at equal activated parameters, one
-    row per (model name, compiled) pair of `runs` (by default every model eagerly) as it is measured."""
+    row per (model name, step) pair of `runs` (by default every model eagerly) as it is measured."""
     from umv2cli.model.accounting import account
 
     models = train_models(preset)
-    for name, compiled in runs or [(name, False) for name in models]:
+    for name, step in runs or [(name, "eager") for name in models]:
         cfg = models[name]
         torch._dynamo.reset()
-        row = {"model": name, "compiled": compiled, "activated_params": account(cfg).activated_params}
+        row = {"model": name, "step": step, "activated_params": account(cfg).activated_params}
         try:
-            row["tokens_per_s"] = train_tokens_per_s(cfg, batch_size, seq_len, steps, compile=compiled)
+            row["tokens_per_s"] = train_tokens_per_s(cfg, batch_size, seq_len, steps, step=step)
         except Exception as e:  # noqa: BLE001 (a benchmark: report it, measure the other models)
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         torch.cuda.empty_cache()
@@ -453,12 +488,15 @@ def _sections(preset: str) -> dict:
         "curves": lambda: {k: v for k, v in training_curves().items() if k != "curves"},
         "curves_moe": lambda: {k: v for k, v in training_curves("tiny-moe").items() if k != "curves"},
         "train_compiled": lambda: iter_train(preset, steps=8, runs=[
-            (f"{preset} (Triton)", True), ("dense (iso-activated)", True)]),
+            (f"{preset} (Triton)", "compiled"), ("dense (iso-activated)", "compiled")]),
+        "train_graphed": lambda: iter_train(preset, steps=8, runs=[
+            (f"{preset} (Triton)", "CUDA graph"), ("dense (iso-activated)", "CUDA graph")]),
         "select": lambda: (bench_select(shape) for shape in SELECT_SHAPES),
     }
 
 
-SECTIONS = ("kernels", "layer", "train", "curves", "curves_moe", "train_compiled", "select")
+SECTIONS = ("kernels", "layer", "train", "curves", "curves_moe", "train_compiled", "train_graphed", "select")
+TRAIN_SECTIONS = ("train", "train_compiled", "train_graphed")
 
 
 def run_all(out: Path | str, preset: str = "ultramemv2-227m", sections=SECTIONS, budget_s: float = 420.0) -> dict:
@@ -521,14 +559,13 @@ def done_when(results: dict) -> list[dict]:
                 if f"fb_speedup_over_{ref}" in r:
                     value = r[f"fb_speedup_over_{ref}"]
                     goal(f"layer fwd+bwd, {r['path']} over {ref}", value, f"≥ {target}", value >= target)
-    train = results.get("train", []) + results.get("train_compiled", [])
-    for compiled in (False, True):
-        rows = {r["model"]: r["tokens_per_s"] for r in train if r["compiled"] == compiled and "tokens_per_s" in r}
+    train = [r for section in TRAIN_SECTIONS for r in results.get(section, [])]
+    for step in TRAIN_STEPS:
+        rows = {r["model"]: r["tokens_per_s"] for r in train if r["step"] == step and "tokens_per_s" in r}
         memory = next((v for k, v in rows.items() if k.endswith("(Triton)")), None)
         dense = rows.get("dense (iso-activated)")
         if memory and dense:
-            goal(f"training tokens/s, UltraMemV2 / dense ({'compiled' if compiled else 'eager'})",
-                 memory / dense, "≥ 0.8", memory / dense >= 0.8)
+            goal(f"training tokens/s, UltraMemV2 / dense ({step})", memory / dense, "≥ 0.8", memory / dense >= 0.8)
     if "curves" in results:
         c = results["curves"]
         goal(f"curves: largest per-step loss gap over {c['steps']} steps (final means "
@@ -567,9 +604,9 @@ def render(results: dict) -> str:
     layer = results.get("layer", [])
     text += _table(layer, "one UltraMemV2 layer, bf16 autocast")
     text += "".join(f"layer path {r['path']}: {r['error']}\n" for r in layer if "error" in r)
-    train = results.get("train", []) + results.get("train_compiled", [])
+    train = [r for section in TRAIN_SECTIONS for r in results.get(section, [])]
     text += _table(train, "training tokens/s, bf16 autocast")
-    text += "".join(f"training {r['model']} (compiled {r['compiled']}): {r['error']}\n" for r in train if "error" in r)
+    text += "".join(f"training {r['model']} ({r['step']}): {r['error']}\n" for r in train if "error" in r)
     text += _table(results.get("select", []), "TDQKR selection, every shape")
     if "curves" in results:
         text += _table([{k: v for k, v in results["curves"].items() if k != "final"} | results["curves"]["final"]],

@@ -207,11 +207,12 @@ def autocast(device: torch.device):
 # the loop
 
 
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model, cfg: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:
     """AdamW with two groups: the memory tables (value-lr multiplier) and everything else.
     Weight decay applies to every parameter, as in the official code (docs/fidelity.md §9.18).
     On CUDA the fused implementation (one kernel for all parameters: the memory pool makes most
-    of a model's bytes, and AdamW reads and writes each of them four times a step)."""
+    of a model's bytes, and AdamW reads and writes each of them four times a step).
+    `capturable`: its step may be captured in a CUDA graph (step counts kept on the device)."""
     tables = {id(t) for t in model.memory_tables()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in tables], "name": "dense"},
@@ -219,7 +220,7 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     ]
     on_cuda = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             weight_decay=cfg.weight_decay, fused=on_cuda or None)
+                             weight_decay=cfg.weight_decay, fused=on_cuda or None, capturable=capturable)
 
 
 def set_lr(optimizer, step: int, cfg: TrainConfig) -> float:

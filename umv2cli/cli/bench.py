@@ -158,12 +158,13 @@ def all_sections(
     preset: Annotated[str, typer.Option(help="The UltraMemV2 preset of the layer and training sections.")]
     = "ultramemv2-227m",
     sections: Annotated[list[str] | None, typer.Option("--section", help="Run only these sections, in this order "
-                                                       "(kernels, layer, train, curves, curves_moe, train_compiled, select).")] = None,
+                                                       "(kernels, layer, train, curves, curves_moe, train_compiled, train_graphed, select).")] = None,
     budget_s: Annotated[float, typer.Option(min=0, help="Start no section after this many seconds.")] = 420.0,
 ) -> None:
     """Every speed of issue 15 in one run (CUDA): the lookup's backward over its forward and its forward against
     copy bandwidth; one layer against PyTorch and torch.compile; training tokens/s of UltraMemV2, MoE and dense,
-    eager and compiled; the loss curves of the Triton path against the references; the goals met or not."""
+    eager, compiled and as one CUDA graph; the loss curves of the Triton path against the references; the goals met
+    or not."""
     _require_cuda()
     from umv2cli.errors import UserError
     from umv2cli.kernel_bench import SECTIONS, render, run_all
@@ -183,7 +184,7 @@ def train_speed(
     as_json: AsJson = False,
 ) -> None:
     """Training tokens/s of UltraMemV2 (Triton and reference), MoE 8/64 (grouped GEMM and loop) and dense at equal
-    activated params (CUDA), eagerly (`umv2 bench all` adds compiled runs)."""
+    activated params (CUDA), eagerly (`umv2 bench all` adds compiled and CUDA-graph runs)."""
     _require_cuda()
     from umv2cli.kernel_bench import bench_train
 
