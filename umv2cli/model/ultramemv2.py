@@ -90,8 +90,9 @@ class UltraMemV2(nn.Module):
     def forward(self, u: torch.Tensor, window: "Window | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """u: the block's normed FFN input [batch, seq, H] → (Mem(u) [batch, seq, H], zero aux loss).
         `window`: this layer's rows of the pool as their own tensor (see `pool_windows`)."""
-        q_flat, x_p_BP = self.project(u.reshape(-1, u.shape[-1]))  # step 1's queries, step 8's W_pre^T u
-        p_BM, scores_BMC = self.select_by_queries(q_flat)  # steps 1-7
+        u_BH = u.reshape(-1, u.shape[-1])
+        p_BM, scores_BMC = self.select(u_BH)  # steps 1-7
+        x_p_BP = self.w_pre(u_BH) if self.w_pre is not None else u_BH.new_zeros(u_BH.shape[0], 0)
         o_BV = self.lookup(x_p_BP, p_BM, scores_BMC, window=window)  # steps 8-9
         y_BH = self.w_o(o_BV)  # step 10 (eq. 12/15)
         return y_BH.view(u.shape), u.new_zeros(())
@@ -116,38 +117,21 @@ class UltraMemV2(nn.Module):
         o_BV = memory_lookup(x_p_BP.to(dtype), table_TD, rows_BM, scores_BMC.to(dtype), act, impl="torch")
         return o_BV.to(scores_BMC.dtype)
 
-    def project(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two projections of u, W_q u [B, 2·slots·D] and W_pre^T u [B, D_p] ([B, 0] without a
-        pre-value neuron), as one GEMM over the stacked weights: u is read (and cast, under
-        autocast) once, and its gradient is one GEMM instead of two and a sum."""
-        if self.w_pre is None:
-            return self.w_q(u_BH), u_BH.new_zeros(u_BH.shape[0], 0)
-        both = F.linear(u_BH, torch.cat([self.w_q.weight, self.w_pre.weight]))
-        return both.split([self.w_q.out_features, self.cfg.dp], dim=-1)
-
     def select(self, u_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-7: the m pool rows each token reads [B, m] and their per-core scores [B, m, C]."""
-        return self.select_by_queries(self.w_q(u_BH))
-
-    def select_by_queries(self, q_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`select` from the projected queries W_q u [B, 2·slots·D]."""
-        s_row_BRN, s_col_BRN = self.query_scores(q_flat).unbind(1)  # steps 1-3 (unbind: one gradient, stacked)
+        s_row_BRN, s_col_BRN = self.scores(u_BH).unbind(1)  # steps 1-3 (unbind: one gradient, stacked)
         rows_BM, cols_BM, scores_BMC = select_topm(  # steps 4-6
             s_row_BRN, s_col_BRN, self.cores_CRR, self.rank1_u_R, self.rank1_v_R,
             self.cfg.k_rc, self.cfg.topm, impl=self.cfg.kernels)
         return self.physical_rows(rows_BM * self.cfg.keys_per_side + cols_BM), scores_BMC  # step 7
 
     def scores(self, u_BH: torch.Tensor) -> torch.Tensor:
-        """Steps 1-3: per-side, per-rank scores S [B, 2, r, n] (eq. 6/10)."""
-        return self.query_scores(self.w_q(u_BH))
-
-    def query_scores(self, q_flat: torch.Tensor) -> torch.Tensor:
-        """`scores` from the projected queries W_q u [B, 2·slots·D].
+        """Steps 1-3: per-side, per-rank scores S [B, 2, r, n] (eq. 6/10).
 
         The query norm's weight is applied on the key side, <g_q ⊙ q̂, g_k ⊙ k̂> = <q̂, g_q ⊙ g_k ⊙ k̂>:
         the same scores, with g_q's gradient summed over the 2·r·n keys instead of the B·2·r
         queries (a reduction over every token, slower than the rest of the norm's backward)."""
-        q_BSRD = self.normed_queries(q_flat)  # step 1, q̂ (its weight g_q: below)
+        q_BSRD = self.normed_queries(self.w_q(u_BH))  # step 1, q̂ (its weight g_q: below)
         k_SRND = F.rms_norm(self.keys_SRND, (self.cfg.dk,), self.g_q_D * self.g_k_D, NORM_EPS)  # step 2
         return torch.einsum("bsrd,srnd->bsrn", q_BSRD, k_SRND)  # step 3
 
