@@ -370,9 +370,12 @@ def _train(spec: RunSpec, out: Path, resume: bool, on_step: Callable[[dict], Non
                 if dist:
                     x, y = dist.own_rows(x, y)
                     dist.sync_gradients(last=micro == cfg.grad_accum - 1)
+                # both to the device before the forward: a copy from host memory waits for the
+                # kernels queued before it, and the targets' would wait for the whole forward
+                x, y = x.to(device), y.to(device)
                 with autocast(device):
-                    logits, aux = forward(x.to(device))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+                    logits, aux = forward(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 ((loss + aux) / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if dist:
